@@ -1,0 +1,559 @@
+"""
+Train a GPT, LLaMA or BERT from scratch or resume a run, on one CPU, one GPU or many (torchrun).
+
+    python train.py                                   # the defaults below: a small char-level GPT
+    python train.py config/shakespeare_char.py --max_iters=2000 --dtype=float32
+    python train.py config/shakespeare_char.py --init_from=resume
+    torchrun --standalone --nproc_per_node=4 train.py config/gpt2_124m.py
+
+Settings come from the TrainConfig defaults, then config files (Python files of plain assignments), then
+--key=value arguments, in that order. Every key and type is checked. The resolved config is saved to
+out_dir/config.json and inside every checkpoint.
+
+Batches are a pure function of (seed, iteration, micro-step), dropout is reseeded from (seed, iteration), and
+checkpoints hold model, optimizer, scaler and counters, so `--init_from=resume` continues exactly where the
+run stopped: the losses after a resume are bit for bit those of an uninterrupted run.
+
+Other scripts import from here: UserError, parse_config, the device/dtype helpers, checkpoint I/O.
+"""
+import ast
+import contextlib
+import difflib
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, without a traceback."""
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = 'out'
+    data_dir: str = 'data/shakespeare_char'  # a folder written by prepare.py
+    init_from: str = 'scratch'               # scratch | resume (from out_dir/ckpt.pt)
+    # model (see model.ModelConfig); vocab_size 0 = the data's vocabulary (+1 [MASK] token for bert)
+    model_type: str = 'gpt'
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0
+    n_embd: int = 384
+    intermediate_size: int = 0
+    block_size: int = 256
+    vocab_size: int = 0
+    dropout: float = 0.0
+    bias: bool = True
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    # optimisation: AdamW, linear warmup then cosine decay to min_lr
+    batch_size: int = 16                     # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = 1     # micro-steps per iteration, over all processes together
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0                  # 0 = max_iters
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0                   # 0 = no clipping
+    mlm_probability: float = 0.15            # bert: fraction of tokens to predict
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    patience: int = 0                        # stop after this many evaluations without a new best; 0 = never
+    always_save_checkpoint: bool = True      # write ckpt.pt at every evaluation, not only on a new best
+    # system
+    device: str = 'auto'                     # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = 'auto'                      # auto | float32 | bfloat16 | float16
+    num_threads: int = 0                     # CPU threads for torch; 0 = torch's default
+    compile: bool = False                    # torch.compile the model
+    seed: int = 1337
+    dry_run: bool = False                    # build everything, run one step, print sizes, exit
+
+
+MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name in {g.name for g in fields(TrainConfig)}]
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration: defaults < config files < --key=value, every key and type checked
+
+
+def _check_value(cls, key, value, source):
+    """Return value converted to the type of cls.key, or raise UserError naming the key."""
+    names = [f.name for f in fields(cls)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+        raise UserError(f"unknown config key '{key}' ({source}){hint}")
+    typ = typing.get_type_hints(cls)[key]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # --learning_rate=1 means 1.0
+    if typ is bool and isinstance(value, str) and value.lower() in ('true', 'false'):
+        value = value.lower() == 'true'
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise UserError(f"config key '{key}' ({source}) must be {typ.__name__}, got {value!r} "
+                        f"({type(value).__name__}); e.g. --{key}={getattr(cls(), key)!r}")
+    return value
+
+
+def parse_config(cls, argv, base=None):
+    """A cls instance from defaults (or base), then config files, then --key=value, in the order given."""
+    cfg = base if base is not None else cls()
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                raise UserError(f"argument '{arg}' must look like --{key}=VALUE")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word is a string: --out_dir=out-x
+            if typing.get_type_hints(cls).get(key) is str and not isinstance(value, str):
+                value = raw  # --out_dir=123 is the string '123'
+            setattr(cfg, key, _check_value(cls, key, value, 'command line'))
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"config file '{arg}' not found (config files are Python files; "
+                                f"overrides are written --key=value)")
+            namespace = {}
+            with open(arg) as f:
+                try:
+                    exec(compile(f.read(), arg, 'exec'), namespace)
+                except Exception as e:
+                    raise UserError(f"config file '{arg}' failed to run: {type(e).__name__}: {e}") from None
+            for key, value in namespace.items():
+                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                setattr(cfg, key, _check_value(cls, key, value, arg))
+    return cfg
+
+
+def print_config(cfg):
+    changed = {k: v for k, v in asdict(cfg).items() if v != getattr(type(cfg)(), k)}
+    print('config (changed from defaults): ' + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
+
+
+def run_cli(main):
+    """Run main(argv), printing a UserError as one line on stderr and exiting with status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('\ninterrupted', file=sys.stderr)
+        sys.exit(130)
+
+# ----------------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def cpu_has_fast_bf16():
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matmuls beat fp32 by far."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def resolve_device(device):
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for but this PyTorch sees no CUDA GPU; use --device=cpu")
+    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, not '{device}'")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bfloat16 where the device runs it fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32."""
+    if dtype == 'auto':
+        if device.startswith('cuda'):
+            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return 'bfloat16' if device == 'cpu' and cpu_has_fast_bf16() else 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not '{dtype}'")
+    return dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision context: matmuls in dtype, reductions and the loss in float32."""
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(':')[0], dtype=getattr(torch, dtype))
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(data_dir):
+    """meta dict and {'train', 'val'} token arrays (memory-mapped) from a folder written by prepare.py."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(meta_path):
+        name = os.path.basename(os.path.normpath(data_dir))
+        known = ('shakespeare_char', 'shakespeare', 'pydocs')
+        cmd = (f"python prepare.py --dataset={name} --out_dir={data_dir}" if name in known else
+               f"python prepare.py --dataset=text --input=YOUR_FILES --out_dir={data_dir}")
+        raise UserError(f"no prepared data in '{data_dir}' (meta.json missing): run `{cmd}` first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    data = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise UserError(f"'{path}' is missing or empty: re-run prepare.py for {data_dir}")
+        data[split] = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    return meta, data
+
+
+def mask_tokens(x, rng, mask_id, vocab_size, mlm_probability):
+    """BERT masking: pick mlm_probability of positions; 80% become mask_id, 10% a random token, 10% stay.
+    x: (B, T) int64 numpy. Returns inputs and targets (-100 where nothing is predicted)."""
+    picked = rng.random(x.shape) < mlm_probability
+    targets = np.where(picked, x, -100)
+    action = rng.random(x.shape)
+    inputs = np.where(picked & (action < 0.8), mask_id, x)
+    randomise = picked & (action >= 0.8) & (action < 0.9)
+    inputs = np.where(randomise, rng.integers(0, vocab_size, x.shape), inputs)
+    return inputs, targets
+
+
+def get_batch(data, cfg, split, it, micro, device, mask_id=None):
+    """The batch for (seed, split, iteration, micro-step): a pure function, so resume and DDP are exact.
+    Returns x, y of shape (batch_size, block_size) on device."""
+    arr = data[split]
+    rng = np.random.default_rng([cfg.seed, 0 if split == 'train' else 1, it, micro])
+    ix = rng.integers(0, len(arr) - cfg.block_size - 1, cfg.batch_size)
+    x = np.stack([arr[i:i + cfg.block_size] for i in ix]).astype(np.int64)
+    if cfg.model_type == 'bert':
+        x, y = mask_tokens(x, rng, mask_id, mask_id, cfg.mlm_probability)
+    else:
+        y = np.stack([arr[i + 1:i + 1 + cfg.block_size] for i in ix]).astype(np.int64)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if device.startswith('cuda'):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters (0 = max_iters)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at '{path}': train one with `python train.py ...` or check out_dir")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def model_from_checkpoint(ckpt, device='cpu'):
+    """Rebuild the model a checkpoint was trained as and load its weights."""
+    model = build_model(ModelConfig(**ckpt['model_args']))
+    state = ckpt['model']
+    # torch.compile and DDP prefix parameter names; strip so any checkpoint loads anywhere
+    for prefix in ('_orig_mod.', 'module.'):
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def append_metrics(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def truncate_metrics(path, last_iter):
+    """On resume, drop records written after the checkpoint (a crash between checkpoint and log)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= last_iter]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, dtype, mask_id=None):
+    """Mean loss, perplexity and token accuracy over eval_iters fixed val batches (the same ones every time,
+    so successive evaluations are comparable)."""
+    model.eval()
+    total_loss, correct, counted = 0.0, 0, 0
+    for k in range(cfg.eval_iters):
+        x, y = get_batch(data, cfg, 'val', k, 0, device, mask_id)
+        with autocast(device, dtype):
+            logits, loss = model(x, y)
+        total_loss += loss.item()
+        valid = y != -100
+        correct += (logits.argmax(-1)[valid] == y[valid]).sum().item()
+        counted += valid.sum().item()
+    model.train()
+    val_loss = total_loss / cfg.eval_iters
+    return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)), 'val_acc': correct / max(1, counted)}
+
+
+def estimate_memory(model, cfg, dtype, vocab_size):
+    """Rough peak bytes: weights, gradients and AdamW state in fp32, plus activations kept for backward
+    (~34 values per token per layer per channel at 16 bits, Korthikanti et al. 2022) and the logits."""
+    n = sum(p.numel() for p in model.parameters())
+    act_bytes = 2 if dtype != 'float32' else 4
+    tokens = cfg.batch_size * cfg.block_size
+    activations = tokens * cfg.n_layer * cfg.n_embd * 17 * act_bytes + tokens * vocab_size * (act_bytes + 8)
+    return 16 * n, activations
+
+# ----------------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg):
+    """Run training as cfg says. Returns the last evaluation dict (or None for a dry run)."""
+    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        import torch.distributed as dist
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if cfg.gradient_accumulation_steps % world:
+            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible "
+                            f"by the number of processes ({world})")
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        if torch.cuda.is_available():
+            cfg.device = f'cuda:{local_rank}'
+            torch.cuda.set_device(cfg.device)
+    master = rank == 0
+    micro_steps = cfg.gradient_accumulation_steps // world  # this process's share of each iteration
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.init_from not in ('scratch', 'resume'):
+        raise UserError(f"init_from must be scratch or resume, not '{cfg.init_from}'")
+
+    # resume: the architecture comes from the checkpoint, the rest from this run's settings
+    ckpt = None
+    if cfg.init_from == 'resume':
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+        for k in MODEL_KEYS:
+            if k in ckpt['model_args'] and getattr(cfg, k) != ckpt['model_args'][k] and master:
+                print(f"note: {k}={ckpt['model_args'][k]!r} from the checkpoint (not {getattr(cfg, k)!r})")
+        for k in MODEL_KEYS:
+            if k in ckpt['model_args']:
+                setattr(cfg, k, ckpt['model_args'][k])
+
+    # data
+    if cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
+        if not cfg.vocab_size:
+            raise UserError("--dry_run without prepared data needs --vocab_size")
+        print(f"note: no data in {cfg.data_dir}; the dry run uses random tokens")
+        rand = np.random.default_rng(0).integers(0, cfg.vocab_size, 4 * cfg.block_size * cfg.batch_size + 2)
+        meta, data = {'vocab_size': cfg.vocab_size, 'tokenizer': None}, {'train': rand, 'val': rand}
+    else:
+        meta, data = load_data(cfg.data_dir)
+    data_vocab = meta['vocab_size']
+    mask_id = data_vocab if cfg.model_type == 'bert' else None  # BERT's [MASK] is one token past the data's
+    need_vocab = data_vocab + (1 if cfg.model_type == 'bert' else 0)
+    vocab_size = cfg.vocab_size or need_vocab
+    if vocab_size < need_vocab:
+        raise UserError(f"the data's vocabulary ({data_vocab} tokens{' + [MASK]' if mask_id else ''}) is larger "
+                        f"than the model's vocab_size={cfg.vocab_size}; set --vocab_size={need_vocab} or 0")
+    for split in ('train', 'val'):
+        if len(data[split]) <= cfg.block_size + 1:
+            raise UserError(f"the {split} split has {len(data[split])} tokens, not more than block_size="
+                            f"{cfg.block_size}; use a smaller --block_size or more data")
+
+    # model and optimizer
+    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_args['vocab_size'] = vocab_size
+    try:
+        mconf = ModelConfig(**model_args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model_args = asdict(mconf)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mconf).to(device)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     device.split(':')[0])
+    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
+    iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
+    if ckpt is not None:
+        model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        iter_num, best_val_loss, bad_evals = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0)
+        if master:
+            truncate_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), iter_num)
+        del ckpt
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device.startswith('cuda') else None)
+
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print_config(cfg)
+        print(f"{cfg.model_type}: {num_params(raw_model) / 1e6:.2f}M parameters | device {device} | dtype {dtype} | "
+              f"{torch.get_num_threads()} CPU threads | {world} process(es) | {tokens_per_iter:,} tokens/iter")
+        if not cfg.dry_run:
+            with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+                json.dump(asdict(cfg), f, indent=2)
+
+    def save(path):
+        save_checkpoint({
+            'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta,
+            # batches and dropout are reseeded from (seed, iteration), so these are only for completeness
+            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()},
+        }, path)
+
+    def step(it):
+        """One optimizer step over micro_steps micro-batches; returns the mean loss of the iteration."""
+        torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank)  # dropout depends on (seed, iteration, rank) only
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(micro_steps):
+            x, y = get_batch(data, cfg, 'train', it, rank * micro_steps + micro, device, mask_id)
+            sync = not ddp or micro == micro_steps - 1  # all-reduce gradients once, on the last micro-step
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+                _, loss = model(x, y)
+            scaler.scale(loss / micro_steps).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / micro_steps
+        if ddp:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        return loss
+
+    if cfg.dry_run:
+        weights, acts = estimate_memory(raw_model, cfg, dtype, vocab_size)
+        print(f"estimated memory: {(weights + acts) / 2**30:.2f} GiB (weights, grads and AdamW state "
+              f"{weights / 2**30:.2f} GiB; activations of one micro-batch {acts / 2**30:.2f} GiB)")
+        t0 = time.time()
+        loss = guarded_step(step, iter_num, cfg)
+        dt = time.time() - t0
+        print(f"dry run: one iteration, loss {loss.item():.4f}, {dt:.2f}s, "
+              f"{tokens_per_iter / world / dt:,.0f} tokens/s per process (incl. warm-up) | "
+              f"{flops_per_token(raw_model, cfg.block_size) / 1e6:.1f} MFLOPs/token")
+        if device.startswith('cuda'):
+            print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        return None
+
+    metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    result = None
+    t_log, iters_since_log = time.time(), 0
+    while iter_num < cfg.max_iters:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loss = guarded_step(step, iter_num, cfg)
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % cfg.log_interval == 0 and master:
+            dt = time.time() - t_log
+            tps = tokens_per_iter * iters_since_log / dt
+            record = {'iter': iter_num, 'loss': loss.item(), 'lr': lr, 'tokens_per_sec': tps,
+                      'ms_per_iter': 1000 * dt / iters_since_log}
+            append_metrics(metrics_path, record)
+            print(f"iter {iter_num}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
+                  f"{tps:,.0f} tokens/s, {record['ms_per_iter']:.0f} ms/iter")
+            t_log, iters_since_log = time.time(), 0
+
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            t_eval = time.time()
+            result = evaluate(model, data, cfg, device, dtype, mask_id)
+            improved = result['val_loss'] < best_val_loss
+            best_val_loss = min(best_val_loss, result['val_loss'])
+            bad_evals = 0 if improved else bad_evals + 1
+            stop = cfg.patience and bad_evals >= cfg.patience
+            if master:
+                append_metrics(metrics_path, {'iter': iter_num, **result})
+                print(f"eval at iter {iter_num}: val loss {result['val_loss']:.4f}, "
+                      f"ppl {result['val_ppl']:.2f}, token accuracy {result['val_acc']:.3f}"
+                      + ('' if improved else f" (best {best_val_loss:.4f})"))
+                if improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop:
+                    save(os.path.join(cfg.out_dir, 'ckpt.pt'))
+            if stop:
+                if master:
+                    print(f"early stop: no improvement in {bad_evals} evaluations")
+                break
+            t_log += time.time() - t_eval  # evaluation time is not training throughput
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def guarded_step(step, it, cfg):
+    """Run one step and turn an out-of-memory failure into advice."""
+    try:
+        return step(it)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if 'out of memory' not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        half = max(1, cfg.batch_size // 2)
+        raise UserError(f"a batch of {cfg.batch_size} x {cfg.block_size} tokens does not fit in memory; try "
+                        f"--batch_size={half} --gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2} "
+                        f"(same tokens per iteration)") from None
+
+
+def main(argv):
+    train(parse_config(TrainConfig, argv))
+
+
+if __name__ == '__main__':
+    run_cli(main)
