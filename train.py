@@ -458,23 +458,10 @@ def train(cfg):
         }, path)
 
     def step(it):
-        """One optimizer step over micro_steps micro-batches; returns the mean loss of the iteration."""
         torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank)  # dropout depends on (seed, iteration, rank) only
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(micro_steps):
-            x, y = get_batch(data, cfg, 'train', it, rank * micro_steps + micro, device, mask_id)
-            sync = not ddp or micro == micro_steps - 1  # all-reduce gradients once, on the last micro-step
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                _, loss = model(x, y)
-            scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum / micro_steps
+        batches = (get_batch(data, cfg, 'train', it, rank * micro_steps + micro, device, mask_id)
+                   for micro in range(micro_steps))
+        loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip, ddp)
         if ddp:
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
         return loss
@@ -536,6 +523,26 @@ def train(cfg):
     if ddp:
         torch.distributed.destroy_process_group()
     return result
+
+
+def train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, grad_clip=1.0, ddp=False):
+    """One optimizer step: forward/backward over micro_steps (x, y) batches, gradients averaged, clipped, applied.
+    Returns the mean loss (a tensor: reading it waits for the step). Under DDP the gradients are all-reduced
+    once, on the last micro-step."""
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        sync = not ddp or micro == micro_steps - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+            _, loss = model(x, y)
+        scaler.scale(loss / micro_steps).backward()
+        loss_sum += loss.detach()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / micro_steps
 
 
 def guarded_step(step, it, cfg):
