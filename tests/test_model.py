@@ -145,3 +145,13 @@ def test_generate_greedy_is_deterministic_and_crops_context():
     b = model.generate(idx, 5, temperature=0)
     assert a.shape == (2, 25) and torch.equal(a, b)
     assert not hasattr(BERT(tiny('bert')), 'generate')
+
+
+@pytest.mark.parametrize('causal,masked', [(True, False), (False, True), (False, False)])
+def test_cpu_attention_path_equals_the_fused_kernel(causal, masked):
+    from model import attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 40) > 0.3 if masked else None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    assert torch.allclose(attention(q, k, v, causal, mask), want, atol=1e-5)
