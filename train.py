@@ -286,14 +286,17 @@ def load_checkpoint(path, map_location='cpu'):
         raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def clean_state_dict(state):
+    """torch.compile and DDP prefix parameter names; strip the prefixes so any checkpoint loads anywhere."""
+    for prefix in ('_orig_mod.', 'module.'):
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
 def model_from_checkpoint(ckpt, device='cpu'):
     """Rebuild the model a checkpoint was trained as and load its weights."""
     model = build_model(ModelConfig(**ckpt['model_args']))
-    state = ckpt['model']
-    # torch.compile and DDP prefix parameter names; strip so any checkpoint loads anywhere
-    for prefix in ('_orig_mod.', 'module.'):
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    model.load_state_dict(state)
+    model.load_state_dict(clean_state_dict(ckpt['model']))
     return model.to(device)
 
 
@@ -380,12 +383,12 @@ def train(cfg):
     ckpt = None
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+        default = TrainConfig()
         for k in MODEL_KEYS:
-            if k in ckpt['model_args'] and getattr(cfg, k) != ckpt['model_args'][k] and master:
-                print(f"note: {k}={ckpt['model_args'][k]!r} from the checkpoint (not {getattr(cfg, k)!r})")
-        for k in MODEL_KEYS:
-            if k in ckpt['model_args']:
-                setattr(cfg, k, ckpt['model_args'][k])
+            saved = ckpt['model_args'][k]
+            if master and getattr(cfg, k) not in (saved, getattr(default, k)):
+                print(f"note: {k}={saved!r} from the checkpoint, not {getattr(cfg, k)!r}")
+            setattr(cfg, k, saved)
 
     # data
     if cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
@@ -423,7 +426,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
     if ckpt is not None:
-        model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+        model.load_state_dict(clean_state_dict(ckpt['model']))
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
@@ -481,6 +484,9 @@ def train(cfg):
         return None
 
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    if iter_num >= cfg.max_iters and master:
+        print(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={cfg.max_iters}; "
+              f"raise --max_iters to train on")
     result = None
     t_log, iters_since_log = time.time(), 0
     while iter_num < cfg.max_iters:

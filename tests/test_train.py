@@ -162,3 +162,19 @@ def test_dry_run_of_the_75m_config_without_data(capsys):
     out = capsys.readouterr().out
     assert 'gpt: 69.7' in out and 'M parameters' in out  # 10 layers x 640 wide, 32k vocab, tied head
     assert 'estimated memory' in out and 'dry run: one iteration' in out
+
+
+def test_out_of_memory_suggests_gradient_accumulation(char_data, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
+    monkeypatch.setattr(train, 'train_step', oom)
+    with pytest.raises(UserError, match=r'does not fit in memory; try --batch_size=2 --gradient_accumulation_steps=2'):
+        train.main(tiny_args(char_data, tmp_path))
+
+
+def test_float16_uses_a_grad_scaler_and_learns(char_data, tmp_path):
+    train.main(tiny_args(char_data, tmp_path, dtype='float16', max_iters=10, eval_interval=10))
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    assert ckpt['scaler']['scale'] > 0 and ckpt['config']['dtype'] == 'float16'
+    losses = [v for _, v in records(tmp_path, 'loss')]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
