@@ -466,7 +466,8 @@ def train(cfg):
                    for micro in range(micro_steps))
         loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip, ddp)
         if ddp:
-            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+            torch.distributed.all_reduce(loss)  # a sum: Gloo has no AVG
+            loss = loss / world
         return loss
 
     if cfg.dry_run:

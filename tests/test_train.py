@@ -178,3 +178,21 @@ def test_float16_uses_a_grad_scaler_and_learns(char_data, tmp_path):
     assert ckpt['scaler']['scale'] > 0 and ckpt['config']['dtype'] == 'float16'
     losses = [v for _, v in records(tmp_path, 'loss')]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_torchrun_two_processes_follow_the_single_process_curve(char_data, tmp_path):
+    # gradient_accumulation_steps is global: 2 processes run one micro-step each, on the same batches that
+    # one process runs as two micro-steps, and the logged loss is the mean over both
+    args = tiny_args(char_data, tmp_path / 'one', max_iters=6, gradient_accumulation_steps=2, eval_interval=3)
+    train.main(args)
+    ddp_args = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in args]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', *ddp_args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = records(tmp_path / 'one', 'loss'), records(tmp_path / 'two', 'loss')
+    assert [i for i, _ in one] == [i for i, _ in two] == list(range(1, 7))
+    assert np.allclose([v for _, v in one], [v for _, v in two], rtol=1e-5)
+    # a checkpoint written under DDP resumes in a single process
+    train.main(ddp_args + ['--max_iters=8', '--init_from=resume'])
+    assert [i for i, _ in records(tmp_path / 'two', 'loss')] == list(range(1, 9))
