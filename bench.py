@@ -64,7 +64,7 @@ def train_worker(cfg, dtype):
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     step_model = torch.compile(model) if cfg.compile else model
     n = cfg.block_size * cfg.batch_size * (cfg.steps + cfg.warmup) * cfg.gradient_accumulation_steps + cfg.block_size + 1
-    data = {'train': np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(np.int64)}
+    data = {'train': [np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(np.int64)]}
     times = []
     for it in range(cfg.warmup + cfg.steps):
         t0 = time.perf_counter()

@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
 from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
 
 
@@ -82,6 +85,9 @@ class TrainConfig:
     dtype: str = 'auto'                      # auto | float32 | bfloat16 | float16
     num_threads: int = 0                     # CPU threads for torch; 0 = torch's default
     compile: bool = False                    # torch.compile the model
+    grad_checkpoint: bool = False            # recompute block activations in backward: less memory, ~1/3 more compute
+    fsdp: bool = False                       # under torchrun: shard weights, grads and optimizer state (FSDP2)
+    peak_tflops: float = 0.0                 # accelerator's bf16 peak for the MFU log; 0 = known GPUs by name
     seed: int = 1337
     dry_run: bool = False                    # build everything, run one step, print sizes, exit
 
@@ -216,13 +222,28 @@ def load_data(data_dir):
         raise UserError(f"no prepared data in '{data_dir}' (meta.json missing): run `{cmd}` first")
     with open(meta_path) as f:
         meta = json.load(f)
+    files = {'train': [s['file'] for s in meta['train_shards']] if 'train_shards' in meta else ['train.bin'],
+             'val': ['val.bin']}
     data = {}
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise UserError(f"'{path}' is missing or empty: re-run prepare.py for {data_dir}")
-        data[split] = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+    for split, names in files.items():
+        data[split] = []
+        for name in names:
+            path = os.path.join(data_dir, name)
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise UserError(f"'{path}' is missing or empty: re-run prepare.py for {data_dir}")
+            data[split].append(np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r'))
     return meta, data
+
+
+def sample_windows(shards, rng, n, length):
+    """n windows of length tokens at random from a list of token arrays (shards) read as one stream; every
+    start position is equally likely and no window crosses a shard boundary. Returns (n, length) int64."""
+    starts = np.array([max(0, len(a) - length) for a in shards])  # valid start positions per shard
+    cum = np.cumsum(starts)
+    u = rng.integers(0, cum[-1], n)
+    shard = np.searchsorted(cum, u, side='right')
+    offset = u - (cum[shard] - starts[shard])
+    return np.stack([shards[s][o:o + length] for s, o in zip(shard, offset)]).astype(np.int64)
 
 
 def mask_tokens(x, rng, mask_id, vocab_size, mlm_probability):
@@ -240,15 +261,13 @@ def mask_tokens(x, rng, mask_id, vocab_size, mlm_probability):
 def get_batch(data, cfg, split, it, micro, device, mask_id=None):
     """The batch for (seed, split, iteration, micro-step): a pure function, so resume and DDP are exact.
     Returns x, y of shape (batch_size, block_size) on device."""
-    arr = data[split]
     rng = np.random.default_rng([cfg.seed, 0 if split == 'train' else 1, it, micro])
-    ix = rng.integers(0, len(arr) - cfg.block_size - 1, cfg.batch_size)
-    x = np.stack([arr[i:i + cfg.block_size] for i in ix]).astype(np.int64)
+    w = sample_windows(data[split], rng, cfg.batch_size, cfg.block_size + 1)
     if cfg.model_type == 'bert':
-        x, y = mask_tokens(x, rng, mask_id, mask_id, cfg.mlm_probability)
+        x, y = mask_tokens(w[:, :-1], rng, mask_id, mask_id, cfg.mlm_probability)
     else:
-        y = np.stack([arr[i + 1:i + 1 + cfg.block_size] for i in ix]).astype(np.int64)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
+        x, y = w[:, :-1], w[:, 1:]  # targets are the next tokens
+    x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     if device.startswith('cuda'):  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -396,7 +415,7 @@ def train(cfg):
             raise UserError("--dry_run without prepared data needs --vocab_size")
         print(f"note: no data in {cfg.data_dir}; the dry run uses random tokens")
         rand = np.random.default_rng(0).integers(0, cfg.vocab_size, 4 * cfg.block_size * cfg.batch_size + 2)
-        meta, data = {'vocab_size': cfg.vocab_size, 'tokenizer': None}, {'train': rand, 'val': rand}
+        meta, data = {'vocab_size': cfg.vocab_size, 'tokenizer': None}, {'train': [rand], 'val': [rand]}
     else:
         meta, data = load_data(cfg.data_dir)
     data_vocab = meta['vocab_size']
@@ -407,9 +426,9 @@ def train(cfg):
         raise UserError(f"the data's vocabulary ({data_vocab} tokens{' + [MASK]' if mask_id else ''}) is larger "
                         f"than the model's vocab_size={cfg.vocab_size}; set --vocab_size={need_vocab} or 0")
     for split in ('train', 'val'):
-        if len(data[split]) <= cfg.block_size + 1:
-            raise UserError(f"the {split} split has {len(data[split])} tokens, not more than block_size="
-                            f"{cfg.block_size}; use a smaller --block_size or more data")
+        if max(len(a) for a in data[split]) <= cfg.block_size + 1:
+            raise UserError(f"the {split} split has {max(len(a) for a in data[split])} tokens, not more than "
+                            f"block_size={cfg.block_size}; use a smaller --block_size or more data")
 
     # model and optimizer
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
@@ -421,23 +440,31 @@ def train(cfg):
     model_args = asdict(mconf)
     torch.manual_seed(cfg.seed)
     model = build_model(mconf).to(device)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    raw_model = model
+    if cfg.fsdp:
+        if not ddp:
+            raise UserError("fsdp=True shards the model over several processes: run under "
+                            "`torchrun --nproc_per_node=N train.py ...`")
+        shard_model(model, dtype)
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device.split(':')[0])
+                                     device.split(':')[0], fused=not cfg.fsdp)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
     if ckpt is not None:
-        model.load_state_dict(clean_state_dict(ckpt['model']))
-        optimizer.load_state_dict(ckpt['optimizer'])
+        set_model_state_dict(model, clean_state_dict(ckpt['model']), options=StateDictOptions(full_state_dict=True))
+        # not strict: parameters that never got a gradient (BERT's pooler under MLM) have no optimizer state
+        set_optimizer_state_dict(model, optimizer, ckpt['optimizer'],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         if ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
         iter_num, best_val_loss, bad_evals = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0)
         if master:
             truncate_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), iter_num)
         del ckpt
-    raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device.startswith('cuda') else None)
 
@@ -452,8 +479,14 @@ def train(cfg):
                 json.dump(asdict(cfg), f, indent=2)
 
     def save(path):
+        # full (unsharded) tensors keyed by parameter name, so a checkpoint written by one process, by DDP or by
+        # FSDP loads into any of them; under FSDP every process takes part in gathering, rank 0 writes
+        model_state, optim_state = get_state_dict(raw_model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not master:
+            return
         save_checkpoint({
-            'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta,
             # batches and dropout are reseeded from (seed, iteration), so these are only for completeness
@@ -464,7 +497,9 @@ def train(cfg):
         torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank)  # dropout depends on (seed, iteration, rank) only
         batches = (get_batch(data, cfg, 'train', it, rank * micro_steps + micro, device, mask_id)
                    for micro in range(micro_steps))
-        loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip, ddp)
+        # DDP all-reduces gradients once per iteration; FSDP reduce-scatters them at every micro-step
+        loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip,
+                          ddp and not cfg.fsdp)
         if ddp:
             torch.distributed.all_reduce(loss)  # a sum: Gloo has no AVG
             loss = loss / world
@@ -520,8 +555,8 @@ def train(cfg):
                 print(f"eval at iter {iter_num}: val loss {result['val_loss']:.4f}, "
                       f"ppl {result['val_ppl']:.2f}, token accuracy {result['val_acc']:.3f}"
                       + ('' if improved else f" (best {best_val_loss:.4f})"))
-                if improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop:
-                    save(os.path.join(cfg.out_dir, 'ckpt.pt'))
+            if improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop:
+                save(os.path.join(cfg.out_dir, 'ckpt.pt'))
             if stop:
                 if master:
                     print(f"early stop: no improvement in {bad_evals} evaluations")
@@ -530,6 +565,17 @@ def train(cfg):
     if ddp:
         torch.distributed.destroy_process_group()
     return result
+
+
+def shard_model(model, dtype):
+    """FSDP2: shard every transformer block, then the rest (embeddings, head), over all processes. Parameters
+    are gathered in dtype for compute; gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    blocks = model.h if model.config.model_type == 'bert' else model.transformer.h
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, grad_clip=1.0, ddp=False):

@@ -68,7 +68,7 @@ def test_cli_prints_one_line_error_and_exits_2():
 # --- data and schedule ---------------------------------------------------------------------------------------
 
 def test_batches_are_a_pure_function_of_seed_iteration_and_micro_step():
-    data = {'train': np.arange(1000, dtype=np.uint16)}
+    data = {'train': [np.arange(1000, dtype=np.uint16)]}
     cfg = TrainConfig(batch_size=4, block_size=8)
     x1, y1 = get_batch(data, cfg, 'train', 7, 1, 'cpu')
     x2, y2 = get_batch(data, cfg, 'train', 7, 1, 'cpu')
@@ -180,12 +180,13 @@ def test_float16_uses_a_grad_scaler_and_learns(char_data, tmp_path):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-def test_torchrun_two_processes_follow_the_single_process_curve(char_data, tmp_path):
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
+def test_torchrun_two_processes_follow_the_single_process_curve(char_data, tmp_path, mode):
     # gradient_accumulation_steps is global: 2 processes run one micro-step each, on the same batches that
     # one process runs as two micro-steps, and the logged loss is the mean over both
     args = tiny_args(char_data, tmp_path / 'one', max_iters=6, gradient_accumulation_steps=2, eval_interval=3)
     train.main(args)
-    ddp_args = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in args]
+    ddp_args = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in args] + [f'--fsdp={mode == "fsdp"}']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train.py', *ddp_args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
@@ -193,6 +194,37 @@ def test_torchrun_two_processes_follow_the_single_process_curve(char_data, tmp_p
     one, two = records(tmp_path / 'one', 'loss'), records(tmp_path / 'two', 'loss')
     assert [i for i, _ in one] == [i for i, _ in two] == list(range(1, 7))
     assert np.allclose([v for _, v in one], [v for _, v in two], rtol=1e-5)
-    # a checkpoint written under DDP resumes in a single process
-    train.main(ddp_args + ['--max_iters=8', '--init_from=resume'])
+    # a checkpoint written under DDP or FSDP resumes in a single process
+    train.main(ddp_args + ['--max_iters=8', '--init_from=resume', '--fsdp=False'])
     assert [i for i, _ in records(tmp_path / 'two', 'loss')] == list(range(1, 9))
+
+
+def test_fsdp_needs_torchrun(char_data, tmp_path):
+    with pytest.raises(UserError, match='run under `torchrun --nproc_per_node=N'):
+        train.main(tiny_args(char_data, tmp_path, fsdp=True))
+
+
+@pytest.mark.parametrize('model_type', ['gpt', 'llama', 'bert'])
+def test_grad_checkpoint_gives_the_same_losses(char_data, tmp_path, model_type):
+    kw = dict(model_type=model_type, max_iters=4, eval_interval=4, dropout=0.1)
+    train.main(tiny_args(char_data, tmp_path / 'plain', **kw))
+    train.main(tiny_args(char_data, tmp_path / 'ckpt', grad_checkpoint=True, **kw))
+    plain, ckpt = records(tmp_path / 'plain', 'loss'), records(tmp_path / 'ckpt', 'loss')
+    assert np.allclose([v for _, v in plain], [v for _, v in ckpt], rtol=1e-6)
+
+
+def test_compile_gives_the_same_losses(char_data, tmp_path):
+    train.main(tiny_args(char_data, tmp_path / 'plain', max_iters=3, eval_interval=3))
+    train.main(tiny_args(char_data, tmp_path / 'compiled', max_iters=3, eval_interval=3, compile=True))
+    plain, compiled = records(tmp_path / 'plain', 'loss'), records(tmp_path / 'compiled', 'loss')
+    assert np.allclose([v for _, v in plain], [v for _, v in compiled], rtol=1e-4)
+
+
+def test_sharded_data_is_read_as_one_stream():
+    shards = [np.arange(0, 100), np.arange(1000, 1040), np.arange(5000, 5005)]  # the last is too short
+    w = train.sample_windows(shards, np.random.default_rng(0), 4000, 10)
+    assert (np.diff(w, axis=1) == 1).all()  # no window crosses a shard boundary
+    first = w[:, 0]
+    assert not ((first >= 5000).any()) and first.max() <= 1030 and first.min() == 0
+    # start positions are uniform over the 90 + 30 valid ones, so shard 1 gets a quarter of the windows
+    assert abs((first >= 1000).mean() - 30 / 120) < 0.03
