@@ -3,11 +3,13 @@ Benchmarks: numbers measured side by side in one run, so the ratios hold on a no
 
     python bench.py train                                    # nanoGPT's shakespeare_char shape, fp32 vs bf16
     python bench.py train config/gpt2_124m.py --batch_size=1 --steps=5
-    python bench.py train --model_type=llama --dtypes=bfloat16
+    python bench.py train config/gpt2_124m.py --batch_size=1 --variants="grad_checkpoint=False;grad_checkpoint=True"
+    python bench.py train --variants="compile=False;compile=True" --warmup=2
 
 `train` times train.py's own train_step (forward, backward, clipping, fused AdamW) on random tokens, once per
-dtype in a fresh process (so each gets its own peak memory), alternating dtypes over --rounds. It reports
-tokens/s, MFU against the bf16 and fp32 matmul rates this machine measures itself, and peak memory.
+variant (a set of --key=value overrides) in a fresh process, so each gets its own peak memory, alternating the
+variants over --rounds. It reports tokens/s, MFU against the bf16 matmul rate this machine measures itself,
+peak memory (CUDA: allocated; CPU: resident set growth), and each variant relative to the first.
 """
 import json
 import os
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 
 from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
-from train import (MODEL_KEYS, TrainConfig, get_batch, parse_config, resolve_device, run_cli, train_step)
+from train import (MODEL_KEYS, TrainConfig, get_batch, parse_config, resolve_device, resolve_dtype, run_cli,
+                   train_step)
 
 
 @dataclass
@@ -33,8 +36,8 @@ class BenchConfig(TrainConfig):
     vocab_size: int = 65
     steps: int = 10          # timed steps per round
     warmup: int = 3          # untimed steps first (allocator, kernel selection, compile)
-    rounds: int = 2          # alternate the dtypes this many times; the median step time counts
-    dtypes: str = 'float32,bfloat16'
+    rounds: int = 2          # alternate the variants this many times; the median step time counts
+    variants: str = 'dtype=float32;dtype=bfloat16'  # ';' between variants, ',' between overrides of one
 
 
 def matmul_flops(dtype, device, n=2048, reps=10):
@@ -51,14 +54,16 @@ def matmul_flops(dtype, device, n=2048, reps=10):
     return 2 * n ** 3 / best
 
 
-def train_worker(cfg, dtype):
-    """Time cfg.steps training steps at dtype in this process; print one JSON line."""
+def train_worker(cfg):
+    """Time cfg.steps training steps in this process; print one JSON line."""
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+    model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device.split(':')[0])
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
@@ -84,7 +89,9 @@ def train_worker(cfg, dtype):
 def bench_train(argv):
     cfg = parse_config(BenchConfig, argv)
     device = resolve_device(cfg.device)
-    dtypes = cfg.dtypes.split(',')
+    variants = [v.strip() for v in cfg.variants.split(';') if v.strip()]
+    for v in variants:  # check every override now, not after minutes of benchmarking
+        parse_config(BenchConfig, [f'--{kv.strip()}' for kv in v.split(',')])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     peak = {d: matmul_flops(getattr(torch, d), device) for d in ('float32', 'bfloat16')}
@@ -94,29 +101,31 @@ def bench_train(argv):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"measured matmul peak (2048^3): float32 {peak['float32'] / 1e12:.2f} TFLOP/s, "
           f"bfloat16 {peak['bfloat16'] / 1e12:.2f} TFLOP/s ({peak['bfloat16'] / peak['float32']:.1f}x)")
-    results = {d: [] for d in dtypes}
-    worker_args = [f'--{k}={v!r}' if isinstance(v, str) else f'--{k}={v}' for k, v in asdict(cfg).items()]
+    base_args = [f'--{k}={v!r}' if isinstance(v, str) else f'--{k}={v}' for k, v in asdict(cfg).items()]
+    results = {v: [] for v in variants}
     for _ in range(cfg.rounds):
-        for d in dtypes:  # alternate, so a slow spell of the machine hits every dtype alike
-            p = subprocess.run([sys.executable, __file__, '_train_worker', d, *worker_args],
-                               capture_output=True, text=True)
+        for v in variants:  # alternate, so a slow spell of the machine hits every variant alike
+            args = base_args + [f'--{kv.strip()}' for kv in v.split(',')]
+            p = subprocess.run([sys.executable, __file__, '_train_worker', *args], capture_output=True, text=True)
             if p.returncode:
-                sys.exit(f'error: the {d} worker failed:\n{p.stderr[-2000:]}')
-            results[d].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                sys.exit(f'error: the worker for {v} failed:\n{p.stderr[-2000:]}')
+            results[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
     rows = {}
-    for d, runs in results.items():
+    for v, runs in results.items():
         step = statistics.median(t for r in runs for t in r['times'])
         tps = tokens / step
-        mfu = runs[0]['flops_per_token'] * tps / peak['bfloat16']
-        rows[d] = dict(tokens_per_sec=tps, ms_per_step=1000 * step, mfu_vs_bf16_peak=mfu,
+        rows[v] = dict(tokens_per_sec=tps, ms_per_step=1000 * step,
+                       mfu_vs_bf16_peak=runs[0]['flops_per_token'] * tps / peak['bfloat16'],
                        peak_mem_mib=max(r['peak_bytes'] for r in runs) / 2**20)
+    first = rows[variants[0]]
     print(f"{runs[0]['params'] / 1e6:.2f}M parameters, {runs[0]['flops_per_token'] / 1e6:.1f} MFLOPs/token")
-    print(f"{'dtype':<10} {'tokens/s':>10} {'ms/step':>9} {'MFU(bf16 peak)':>15} {'peak mem MiB':>13}")
-    for d, r in rows.items():
-        print(f"{d:<10} {r['tokens_per_sec']:>10,.0f} {r['ms_per_step']:>9.0f} {r['mfu_vs_bf16_peak']:>14.1%} "
-              f"{r['peak_mem_mib']:>13,.0f}")
-    if 'float32' in rows and 'bfloat16' in rows:
-        print(f"bfloat16 / float32 tokens/s: {rows['bfloat16']['tokens_per_sec'] / rows['float32']['tokens_per_sec']:.2f}x")
+    width = max(len(v) for v in variants) + 2
+    print(f"{'variant':<{width}} {'tokens/s':>10} {'ms/step':>9} {'MFU(bf16 peak)':>15} {'peak mem MiB':>13} "
+          f"{'speed':>7} {'memory':>7}")
+    for v, r in rows.items():
+        print(f"{v:<{width}} {r['tokens_per_sec']:>10,.0f} {r['ms_per_step']:>9.0f} {r['mfu_vs_bf16_peak']:>14.1%} "
+              f"{r['peak_mem_mib']:>13,.0f} {r['tokens_per_sec'] / first['tokens_per_sec']:>6.2f}x "
+              f"{r['peak_mem_mib'] / first['peak_mem_mib']:>6.2f}x")
     return rows
 
 
@@ -125,7 +134,7 @@ BENCHES = {'train': bench_train}
 
 def main(argv):
     if argv[:1] == ['_train_worker']:
-        return train_worker(parse_config(BenchConfig, argv[2:]), argv[1])
+        return train_worker(parse_config(BenchConfig, argv[1:]))
     if not argv or argv[0] not in BENCHES:
         sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [config.py] [--key=value ...]")
     BENCHES[argv[0]](argv[1:])

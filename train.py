@@ -363,7 +363,12 @@ def estimate_memory(model, cfg, dtype, vocab_size):
     n = sum(p.numel() for p in model.parameters())
     act_bytes = 2 if dtype != 'float32' else 4
     tokens = cfg.batch_size * cfg.block_size
-    activations = tokens * cfg.n_layer * cfg.n_embd * 17 * act_bytes + tokens * vocab_size * (act_bytes + 8)
+    per_layer = tokens * cfg.n_embd * 17 * act_bytes
+    if cfg.grad_checkpoint:  # only each block's input is kept, plus one block's activations while it reruns
+        per_layer, extra = tokens * cfg.n_embd * act_bytes, per_layer
+    else:
+        extra = 0
+    activations = cfg.n_layer * per_layer + extra + tokens * vocab_size * (act_bytes + 8)
     return 16 * n, activations
 
 # ----------------------------------------------------------------------------------------------------------
@@ -512,6 +517,10 @@ def train(cfg):
         t0 = time.time()
         loss = guarded_step(step, iter_num, cfg)
         dt = time.time() - t0
+        n = num_params(raw_model)
+        total = cfg.max_iters * tokens_per_iter
+        print(f"the run: {cfg.max_iters:,} iterations x {tokens_per_iter:,} tokens = {total / 1e9:.3g}B tokens, "
+              f"{total / n:.0f} tokens per parameter (Chinchilla-optimal is ~20)")
         print(f"dry run: one iteration, loss {loss.item():.4f}, {dt:.2f}s, "
               f"{tokens_per_iter / world / dt:,.0f} tokens/s per process (incl. warm-up) | "
               f"{flops_per_token(raw_model, cfg.block_size) / 1e6:.1f} MFLOPs/token")
@@ -520,6 +529,7 @@ def train(cfg):
         return None
 
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
+    peak = cfg.peak_tflops * 1e12 or (gpu_peak_flops(device) if device.startswith('cuda') else 0)
     if iter_num >= cfg.max_iters and master:
         print(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={cfg.max_iters}; "
               f"raise --max_iters to train on")
@@ -538,9 +548,12 @@ def train(cfg):
             tps = tokens_per_iter * iters_since_log / dt
             record = {'iter': iter_num, 'loss': loss.item(), 'lr': lr, 'tokens_per_sec': tps,
                       'ms_per_iter': 1000 * dt / iters_since_log}
+            if peak:  # model FLOPs utilisation: the fraction of the accelerators' peak doing model math
+                record['mfu'] = flops_per_token(raw_model, cfg.block_size) * tps / (peak * world)
             append_metrics(metrics_path, record)
             print(f"iter {iter_num}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
-                  f"{tps:,.0f} tokens/s, {record['ms_per_iter']:.0f} ms/iter")
+                  f"{tps:,.0f} tokens/s, {record['ms_per_iter']:.0f} ms/iter"
+                  + (f", MFU {record['mfu']:.1%}" if peak else ''))
             t_log, iters_since_log = time.time(), 0
 
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
@@ -565,6 +578,16 @@ def train(cfg):
     if ddp:
         torch.distributed.destroy_process_group()
     return result
+
+
+# dense bf16 peak FLOP/s by GPU name, for the MFU log; --peak_tflops overrides
+GPU_PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312, 'A10G': 125, 'A10': 125, 'L40S': 362, 'L4': 121,
+                   'RTX 4090': 165, 'RTX 3090': 71, 'V100': 125, 'T4': 65}
+
+
+def gpu_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in GPU_PEAK_TFLOPS.items() if key in name), 0)
 
 
 def shard_model(model, dtype):
