@@ -10,22 +10,36 @@ Benchmarks: numbers measured side by side in one run, so the ratios hold on a no
 variant (a set of --key=value overrides) in a fresh process, so each gets its own peak memory, alternating the
 variants over --rounds. It reports tokens/s, MFU against the bf16 matmul rate this machine measures itself,
 peak memory (CUDA: allocated; CPU: resident set growth), and each variant relative to the first.
+
+    python bench.py bpe                                      # bpe.py vs Hugging Face tokenizers, vocab 1k/8k/32k
+    python bench.py bpe --vocab_sizes=32000 --rounds=1 --naive_seconds=10
+
+`bpe` times bpe.train against Hugging Face's Rust BPE trainer (one thread, same split regex) on Tiny
+Shakespeare and a ~10 MB mix of the shared texts, each run in a fresh process for its peak memory; then
+minbpe's recount-per-merge loop (time-capped and extrapolated), and encoding speed of the pure-Python encoder
+and of the tiktoken export.
 """
+import glob
+import inspect
 import json
 import os
+import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+import bpe
 from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
-from train import (MODEL_KEYS, TrainConfig, get_batch, parse_config, resolve_device, resolve_dtype, run_cli,
-                   train_step)
+from train import (MODEL_KEYS, TrainConfig, autocast, get_batch, parse_config, resolve_device, resolve_dtype,
+                   run_cli, train_step)
 
 
 @dataclass
@@ -52,6 +66,24 @@ def matmul_flops(dtype, device, n=2048, reps=10):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def saved_for_backward(model, x, y, device, dtype):
+    """Bytes of the activations one forward pass keeps for the backward pass (parameters not counted): the
+    memory that gradient checkpointing trades for compute, measured exactly rather than from the noisy RSS."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, dtype):
+        _, loss = model(x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
 
 
 def train_worker(cfg):
@@ -82,7 +114,8 @@ def train_worker(cfg):
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device.startswith('cuda') else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0)
-    print(json.dumps({'times': times, 'peak_bytes': peak, 'params': num_params(model),
+    saved = saved_for_backward(model, *get_batch(data, cfg, 'train', 0, 0, device, cfg.vocab_size - 1), device, dtype)
+    print(json.dumps({'times': times, 'peak_bytes': peak, 'saved_bytes': saved, 'params': num_params(model),
                       'flops_per_token': flops_per_token(model, cfg.block_size)}))
 
 
@@ -116,20 +149,200 @@ def bench_train(argv):
         tps = tokens / step
         rows[v] = dict(tokens_per_sec=tps, ms_per_step=1000 * step,
                        mfu_vs_bf16_peak=runs[0]['flops_per_token'] * tps / peak['bfloat16'],
-                       peak_mem_mib=max(r['peak_bytes'] for r in runs) / 2**20)
+                       peak_mem_mib=max(r['peak_bytes'] for r in runs) / 2**20,
+                       saved_mib=runs[0]['saved_bytes'] / 2**20)
     first = rows[variants[0]]
     print(f"{runs[0]['params'] / 1e6:.2f}M parameters, {runs[0]['flops_per_token'] / 1e6:.1f} MFLOPs/token")
     width = max(len(v) for v in variants) + 2
     print(f"{'variant':<{width}} {'tokens/s':>10} {'ms/step':>9} {'MFU(bf16 peak)':>15} {'peak mem MiB':>13} "
-          f"{'speed':>7} {'memory':>7}")
+          f"{'activations MiB':>16} {'speed':>7} {'memory':>7} {'activations':>12}")
     for v, r in rows.items():
         print(f"{v:<{width}} {r['tokens_per_sec']:>10,.0f} {r['ms_per_step']:>9.0f} {r['mfu_vs_bf16_peak']:>14.1%} "
-              f"{r['peak_mem_mib']:>13,.0f} {r['tokens_per_sec'] / first['tokens_per_sec']:>6.2f}x "
-              f"{r['peak_mem_mib'] / first['peak_mem_mib']:>6.2f}x")
+              f"{r['peak_mem_mib']:>13,.0f} {r['saved_mib']:>16,.0f} {r['tokens_per_sec'] / first['tokens_per_sec']:>6.2f}x "
+              f"{r['peak_mem_mib'] / first['peak_mem_mib']:>6.2f}x {r['saved_mib'] / first['saved_mib']:>11.2f}x")
     return rows
 
 
-BENCHES = {'train': bench_train}
+# ----------------------------------------------------------------------------------------------------------
+# bpe: bpe.py's trainer against Hugging Face tokenizers (Rust) and minbpe's recount-per-merge loop; encode speed
+
+
+@dataclass
+class BPEBenchConfig:
+    vocab_sizes: str = '1000,8000,32000'
+    corpus_mb: float = 10.0       # WikiText-2 valid + the PEPs + Tiny Shakespeare, paragraphs shuffled, repeated
+    rounds: int = 3               # alternate bpe.py and HF this many times; the median time counts
+    naive_seconds: float = 30.0   # time cap for the recount-per-merge trainer, which is then extrapolated
+    encode_mb: float = 2.0        # encode speed on the first encode_mb MB of the mixed corpus
+    shared_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
+
+
+def bpe_corpus(shared_dir, mb):
+    """A deterministic text of about mb MB: the paragraphs of WikiText-2 valid, the PEPs and Tiny Shakespeare,
+    shuffled with seed 0, as many times over as it takes."""
+    files = [os.path.join(shared_dir, 'wikitext2', 'wiki.valid.tokens'), os.path.join(shared_dir, 'tinyshakespeare.txt')]
+    files += sorted(glob.glob(os.path.join(shared_dir, 'docs', 'peps', '*.rst')))
+    paragraphs = []
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            paragraphs += f.read().split('\n\n')
+    rng, out, size = random.Random(0), [], 0
+    while size < mb * 1e6:
+        rng.shuffle(paragraphs)
+        for p in paragraphs:
+            out.append(p)
+            size += len(p.encode()) + 2
+            if size >= mb * 1e6:
+                break
+    return '\n\n'.join(out)
+
+
+def naive_bpe_train(chunks, n_merges, seconds):
+    """minbpe's training loop: after every merge, recount every pair of the whole text (chunks: lists of byte
+    values). Stops after `seconds`; returns (merges done, bytes left in the text)."""
+    import time
+    t0, next_id = time.perf_counter(), 256
+    for k in range(n_merges):
+        if time.perf_counter() - t0 > seconds:
+            return k, sum(map(len, chunks))
+        counts = {}
+        for chunk in chunks:
+            for pair in zip(chunk, chunk[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        a, b = max(counts, key=counts.get)
+        for j, chunk in enumerate(chunks):
+            out, i = [], 0
+            while i < len(chunk):
+                if i < len(chunk) - 1 and chunk[i] == a and chunk[i + 1] == b:
+                    out.append(next_id)
+                    i += 2
+                else:
+                    out.append(chunk[i])
+                    i += 1
+            chunks[j] = out
+        next_id += 1
+    return n_merges, sum(map(len, chunks))
+
+
+def bpe_worker(task, path, vocab_size, model, extra):
+    """One measurement in a fresh process (see run_bpe_worker); prints one JSON line. Tasks: 'bpe.py' and 'HF'
+    train (bpe.py also saves to model), 'naive' runs naive_bpe_train for extra seconds, 'encode' times both
+    encoders of model on the first extra MB of path."""
+    import json, resource, time
+    import bpe
+    result = {}
+    if task == 'HF':
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+        hf = Tokenizer(models.BPE())  # split by the same regex, then bytes mapped to characters as GPT-2 does
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(bpe.GPT4_SPLIT_PATTERN), behavior='isolated'),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bpe.ENDOFTEXT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        t0 = time.perf_counter()
+        hf.train([path], trainer)
+        result = dict(seconds=time.perf_counter() - t0, vocab=hf.get_vocab_size())
+    elif task == 'bpe.py':
+        t0 = time.perf_counter()
+        tok = bpe.train([path], vocab_size, pattern=bpe.GPT4_SPLIT_PATTERN, progress=False)
+        result = dict(seconds=time.perf_counter() - t0, vocab=tok.vocab_size)
+        tok.save(model)
+    elif task == 'naive':
+        with open(path, encoding='utf-8') as f:
+            chunks = [list(c.encode()) for c in bpe.chunker(bpe.GPT4_SPLIT_PATTERN)(f.read())]
+        size = sum(map(len, chunks))
+        t0 = time.perf_counter()
+        merges, size_left = naive_bpe_train(chunks, vocab_size - 257, float(extra))
+        result = dict(seconds=time.perf_counter() - t0, merges=merges, shrink=size_left / size)
+    elif task == 'encode':
+        with open(path, 'rb') as f:
+            text = f.read(int(float(extra) * 1e6)).decode('utf-8', 'ignore')
+        tok = bpe.Tokenizer.load(model)
+        enc = tok.to_tiktoken()
+        t0 = time.perf_counter()
+        ids = tok.encode_ordinary(text)
+        t1 = time.perf_counter()
+        same = enc.encode_ordinary(text) == ids
+        t2 = time.perf_counter()
+        mb = len(text.encode()) / 1e6
+        result = dict(python_mb_per_s=mb / (t1 - t0), tiktoken_mb_per_s=mb / (t2 - t1), same_ids=same, mb=mb)
+    try:  # VmHWM, the peak of this program alone: ru_maxrss keeps the parent's (torch-sized) peak across fork + exec
+        with open('/proc/self/status') as f:
+            peak_kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM'))
+    except (OSError, StopIteration):
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({**result, 'peak_mib': peak_kib / 1024}))
+
+
+def run_bpe_worker(task, path, vocab_size=0, model='', extra=0):
+    """bpe_worker in a fresh Python that imports neither torch nor numpy (its source is sent with -c), so its
+    peak resident memory is the tokenizer's own. Hugging Face's trainer gets one thread, as Python has."""
+    code = f"{inspect.getsource(naive_bpe_train)}\n{inspect.getsource(bpe_worker)}\n" \
+           f"bpe_worker(*{[task, path, vocab_size, model, extra]!r})"
+    p = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, env={**os.environ, 'RAYON_NUM_THREADS': '1'})
+    if p.returncode:
+        sys.exit(f'error: the {task} worker failed:\n{p.stderr[-2000:]}')
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_bpe(argv):
+    cfg = parse_config(BPEBenchConfig, argv)
+    vocab_sizes = [int(v) for v in cfg.vocab_sizes.split(',')]
+    shakespeare = os.path.join(cfg.shared_dir, 'tinyshakespeare.txt')
+    if not os.path.isfile(shakespeare):
+        sys.exit(f'error: {shakespeare} not found: bench.py bpe reads ../shared/data (or set --shared_dir)')
+    import tokenizers
+    print(f"bench bpe: GPT-4 split pattern (tiktoken's cl100k string) for both trainers, one thread each "
+          f"(tokenizers {tokenizers.__version__} with RAYON_NUM_THREADS=1); time of the train call (reading, "
+          f"splitting, counting, merging), median of {cfg.rounds} interleaved rounds; peak = resident memory high-water mark of the process")
+    work = tempfile.mkdtemp(prefix='bench_bpe_')
+    try:
+        mixed = os.path.join(work, 'mixed.txt')
+        with open(mixed, 'w', encoding='utf-8') as f:
+            f.write(bpe_corpus(cfg.shared_dir, cfg.corpus_mb))
+        corpora = {'tinyshakespeare': shakespeare, f'mixed {cfg.corpus_mb:g}MB': mixed}
+        print(f"{'corpus':<16} {'MB':>5} {'vocab':>6} {'bpe.py s':>9} {'HF s':>7} {'bpe.py/HF':>10} "
+              f"{'bpe.py MiB':>11} {'HF MiB':>7}")
+        rows = {}
+        for name, path in corpora.items():
+            for v in vocab_sizes:
+                model = os.path.join(work, f'{os.path.basename(path)}.{v}.model')
+                runs = {'bpe.py': [], 'HF': []}
+                for r in range(cfg.rounds):  # alternate who goes first, so a slow spell hits both alike
+                    for task in (('bpe.py', 'HF') if r % 2 == 0 else ('HF', 'bpe.py')):
+                        runs[task].append(run_bpe_worker(task, path, v, model))
+                ours, hf = ({k: statistics.median(r[k] for r in runs[t]) for k in ('seconds', 'peak_mib', 'vocab')}
+                            for t in ('bpe.py', 'HF'))
+                rows[name, v] = ours, hf, model
+                note = '' if ours['vocab'] == hf['vocab'] == v else f"  (vocab reached: {ours['vocab']:.0f} / {hf['vocab']:.0f})"
+                print(f"{name:<16} {os.path.getsize(path) / 1e6:>5.1f} {v:>6} {ours['seconds']:>9.2f} "
+                      f"{hf['seconds']:>7.2f} {ours['seconds'] / hf['seconds']:>9.2f}x {ours['peak_mib']:>11.0f} "
+                      f"{hf['peak_mib']:>7.0f}{note}")
+        # minbpe's recount-per-merge loop is far too slow to finish: time-capped, then extrapolated. A merge costs
+        # time in proportion to the text's length, which shrinks as merges go on: hence a range
+        v = min(vocab_sizes)
+        naive = run_bpe_worker('naive', shakespeare, v, extra=cfg.naive_seconds)
+        with open(shakespeare, encoding='utf-8') as f:
+            text = f.read()
+        final = len(bpe.Tokenizer.load(rows['tinyshakespeare', v][2]).encode_ordinary(text)) / len(text.encode())
+        full_length = naive['seconds'] / naive['merges'] / ((1 + naive['shrink']) / 2)  # s per merge, whole text
+        merges, ours = v - 257, rows['tinyshakespeare', v][0]['seconds']
+        low, high = full_length * merges * final, full_length * merges
+        print(f"recount-per-merge (minbpe's loop), tinyshakespeare, vocab {v}: {naive['merges']} of {merges} merges "
+              f"in {naive['seconds']:.0f}s; all {merges} would take {low:.0f}-{high:.0f}s (as the text shrinks to "
+              f"{final:.0%} of its bytes); bpe.py: {ours:.2f}s, {low / ours:,.0f}-{high / ours:,.0f}x faster")
+        model = rows[f'mixed {cfg.corpus_mb:g}MB', max(vocab_sizes)][2]
+        enc = run_bpe_worker('encode', mixed, model=model, extra=cfg.encode_mb)
+        print(f"encode {enc['mb']:.1f} MB of the mixed corpus with the {max(vocab_sizes)}-token bpe.py tokenizer, one "
+              f"thread: pure Python {enc['python_mb_per_s']:.2f} MB/s, tiktoken export {enc['tiktoken_mb_per_s']:.1f} "
+              f"MB/s, identical ids: {'yes' if enc['same_ids'] else 'NO'}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+BENCHES = {'train': bench_train, 'bpe': bench_bpe}
 
 
 def main(argv):
