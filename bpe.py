@@ -11,9 +11,9 @@ Byte-level BPE: train your own tokenizer fast, encode it in readable pure Python
     enc = tok.to_tiktoken()                             # the same ids, fast: what prepare.py uses
     tok.save('tok.model'); tok = bpe.Tokenizer.load('tok.model')
 
-Training (train_ranks) is minbpe's algorithm with one change that makes it fast. Text is cut into chunks by
-a regex (GPT-2's or GPT-4's split pattern) and each unique chunk is stored once with its count. minbpe
-recounts every pair of the whole text after every merge; here the pair counts are kept up to date: merging
+Training (train_ranks) is minbpe's algorithm, made fast in two ways. Text is cut into chunks by a regex
+(GPT-2's or GPT-4's split pattern) and each unique chunk is stored once, with its count. And where minbpe
+recounts every pair of the whole text after every merge, here the pair counts are kept up to date: merging
 (a, b) into z only touches the chunks that hold (a, b), and for each occurrence subtracts the pairs it
 destroys ((x, a), (b, y)) and adds the pairs it makes ((x, z), (z, y)). A heap picks the next best pair.
 
@@ -68,6 +68,19 @@ def chunker(pattern):
     if rx.groups:  # findall would return the groups, not the whole matches
         return lambda text: [m.group() for m in rx.finditer(text)]
     return rx.findall
+
+
+def valid_text(text):
+    """text, with lone surrogates (which UTF-8 cannot hold) replaced by U+FFFD, as tiktoken does.
+
+    >>> valid_text('a\\ud800b') == 'a\\ufffdb'
+    True
+    """
+    try:
+        text.encode('utf-8')
+        return text
+    except UnicodeEncodeError:
+        return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
 
 
 def special_regex(tokens):
@@ -206,7 +219,7 @@ def train_ranks(chunk_counts, n_tokens, min_frequency=1, progress=False):
         a, b = pair
         token = tokens[a] + tokens[b]
         z = ranks.get(token)
-        if z is None:  # (two pairs can spell the same bytes; then the chunks reuse the token, as tiktoken would)
+        if z is None:  # else two pairs spell the same bytes: the chunks reuse that token, as tiktoken would
             z = ranks[token] = len(tokens)
             tokens.append(token)
             if bar:
@@ -220,15 +233,17 @@ def train_ranks(chunk_counts, n_tokens, min_frequency=1, progress=False):
                     if i:  # left neighbour x: (x, a) becomes (x, z); x may be a z just made
                         x = word[i - 1]
                         counts[x, a] -= freq
-                        counts[x, z] += freq
-                        where[x, z].add(w)
-                        born.add((x, z))
+                        new = x, z
+                        counts[new] += freq
+                        where[new].add(w)
+                        born.add(new)
                     if i + 1 < last:  # right neighbour y: (b, y) becomes (z, y)
                         y = word[i + 2]
                         counts[b, y] -= freq
-                        counts[z, y] += freq
-                        where[z, y].add(w)
-                        born.add((z, y))
+                        new = z, y
+                        counts[new] += freq
+                        where[new].add(w)
+                        born.add(new)
                     word[i] = z
                     del word[i + 1]
                     last -= 1
@@ -268,7 +283,7 @@ def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,)
         raise BPEError(f"no text to train on in {what}")
     if progress:
         print(f"counted {sum(counts.values()):,} chunks ({len(counts):,} unique) in {time.time() - t0:.1f}s")
-    chunk_counts = {chunk.encode('utf-8', 'replace'): n for chunk, n in counts.items()}
+    chunk_counts = {valid_text(chunk).encode('utf-8'): n for chunk, n in counts.items()}
     del counts
     n_tokens = vocab_size - len(special_tokens)
     ranks = train_ranks(chunk_counts, n_tokens, min_frequency, progress)
@@ -326,7 +341,7 @@ class Tokenizer:
         ids, cache, ranks = [], self._cache, self.ranks
         if len(cache) > 200_000:  # bounded memory on long inputs
             cache.clear()
-        for chunk in self._split(text):
+        for chunk in self._split(valid_text(text)):
             got = cache.get(chunk)
             if got is None:
                 piece = chunk.encode('utf-8')
@@ -345,10 +360,7 @@ class Tokenizer:
             raise BPEError(f"the text contains the special token {m.group()!r}: pass allowed_special={{"
                            f"{m.group()!r}}} (or 'all') to encode it as its id, or disallowed_special=() "
                            f"to encode it as ordinary text")
-        try:
-            text.encode('utf-8')
-        except UnicodeEncodeError:  # lone surrogates: replaced, as tiktoken does
-            text = text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+        text = valid_text(text)
         allowed &= specials
         if not allowed:
             return self.encode_ordinary(text)
@@ -384,6 +396,7 @@ class Tokenizer:
             except UnicodeDecodeError:
                 shown = json.dumps(list(token))
             lines.append(f'{i} {shown}')
+        path = os.fspath(path)
         with open(path + '.tmp', 'w', encoding='utf-8', newline='\n') as f:
             f.write('\n'.join(lines) + '\n')
         os.replace(path + '.tmp', path)  # never a half-written model file
@@ -438,9 +451,10 @@ class Tokenizer:
             try:
                 enc = tiktoken.get_encoding(enc)
             except Exception as e:
-                raise BPEError(f"could not load tiktoken's {name_or_encoding!r} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); known: "
-                               f"{', '.join(tiktoken.list_encoding_names())}; offline, set TIKTOKEN_CACHE_DIR") from None
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                raise BPEError(f"could not load tiktoken's {name_or_encoding!r} ({reason}); known: "
+                               f"{', '.join(tiktoken.list_encoding_names())}; offline, set TIKTOKEN_CACHE_DIR "
+                               f"to a folder of its files") from None
         # tiktoken has no public accessor for these; the attribute names have been stable since its release
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
 

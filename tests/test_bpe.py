@@ -3,7 +3,6 @@
     python -m pytest tests/test_bpe.py -q
 """
 import doctest
-import glob
 import json
 import os
 import random
@@ -85,7 +84,8 @@ def tok(shakespeare):
 @pytest.fixture(scope='module')
 def real_text(shakespeare):
     """A few KB each of Shakespeare, a PEP and Wikipedia."""
-    return shakespeare[:20_000] + read('docs', 'peps', 'pep-0008.rst')[:20_000] + read('wikitext2', 'wiki.valid.tokens')[:20_000]
+    pep, wiki = read('docs', 'peps', 'pep-0008.rst'), read('wikitext2', 'wiki.valid.tokens')
+    return shakespeare[:20_000] + pep[:20_000] + wiki[:20_000]
 
 
 @pytest.fixture(scope='module')
@@ -204,6 +204,7 @@ def test_lone_surrogates_are_replaced_like_tiktoken(tok):
 
 def test_our_encoder_equals_the_tiktoken_export_on_real_text(tok, shakespeare, real_text):
     enc = tok.to_tiktoken()
+    assert enc._pat_str == tok.pattern == bpe.GPT4_SPLIT_PATTERN  # trained and exported with one pattern string
     for text in (shakespeare, real_text):
         assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
     gpt2_style = bpe.train(real_text, 2000, pattern='gpt2', progress=False)
@@ -248,6 +249,7 @@ def test_reproduces_tiktoken_exactly(tiktoken_offline, name, real_text):
     assert tok.decode(ref.encode(real_text)) == real_text
     assert (tok.vocab_size, tok.eot_token) == {'gpt2': (50257, 50256), 'cl100k_base': (100277, 100257)}[name]
     assert Tokenizer.from_tiktoken(ref).ranks == tok.ranks
+    assert tok.pattern == ref._pat_str == {'gpt2': bpe.GPT2_SPLIT_PATTERN, 'cl100k_base': bpe.GPT4_SPLIT_PATTERN}[name]
     assert tok.encode('hello world') == {'gpt2': [31373, 995], 'cl100k_base': [15339, 1917]}[name]
 
 
@@ -260,13 +262,14 @@ def test_unknown_tiktoken_encoding(tiktoken_offline):
 
 
 def test_save_load_and_tiktoken_file(tok, tmp_path, real_text):
-    path = str(tmp_path / 'tok.model')
+    path = tmp_path / 'tok.model'
     tok.save(path)
     lines = open(path, encoding='utf-8').read().splitlines()
     assert lines[0] == 'bpe.py tokenizer v1' and lines[2].startswith('pattern "')
     assert 'special 998 "<|endoftext|>"' in lines and '32 " "' in lines and '255 [255]' in lines
-    back = Tokenizer.load(path)
-    assert (back.ranks, back.pattern, back.special_tokens, back.name) == (tok.ranks, tok.pattern, tok.special_tokens, tok.name)
+    back = Tokenizer.load(str(path))
+    fields = lambda t: (t.ranks, t.pattern, t.special_tokens, t.name, t.vocab_size, t.eot_token)
+    assert fields(back) == fields(tok)
     assert back.encode(real_text) == tok.encode(real_text)
     ranks_file = str(tmp_path / 'tok.tiktoken')
     tok.save_tiktoken(ranks_file)
