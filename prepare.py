@@ -19,17 +19,44 @@ Shakespeare are nanoGPT's: 301,966 train and 36,059 val tokens. meta.json record
 tokenizer, the token counts and the sha256 of the text; re-running with the same text and settings does
 nothing. Files are written under temporary names and renamed, meta.json last, so a crash never leaves a
 half-written dataset behind.
+
+Streaming datasets, for corpora too large for memory or disk, read gzipped JSONL shards one at a time:
+
+    python prepare.py --dataset=dolma --max_tokens=5e9 --num_proc=8       # Dolma v1_6-sample's URL list
+    python prepare.py --dataset=c4 --max_tokens=1e9                       # allenai/c4 en, json.gz shards
+    python prepare.py --dataset=fineweb_edu                               # sample/10BT, parquet: needs pyarrow
+    python prepare.py --dataset=urls --input=shards.txt                   # one URL or path per line
+    python prepare.py --dataset=urls --input=a.jsonl.gz,https://host/b.jsonl.gz,notes.txt.gz
+
+--input gives the source shards (for dolma, c4 and fineweb_edu it replaces the default list): a file, local or
+a URL, that lists them one per line, or a comma-separated list. A shard is .jsonl or .json (one JSON object
+with a "text" string per line), .txt (one document), either of them gzipped (.gz), or .parquet (a "text"
+column; needs pyarrow). Documents shorter than --min_chars or seen before (same blake2b hash of the text) are
+dropped. The first --val_tokens tokens' worth of documents go to val.bin, the rest to train_00000.bin,
+train_00001.bin, ... of --shard_tokens each, eot between documents; meta.json lists the shards and counts the
+documents. After each source shard the progress is saved (stream_state.json), so re-running an interrupted
+command continues from there and ends with the same bytes; downloaded shards are deleted once tokenized
+(--keep_downloads=True keeps them). Memory holds one batch of documents per process plus the set of hashes,
+about 100 bytes per kept document.
 """
+import collections
+import contextlib
 import glob
+import gzip
 import hashlib
 import importlib
 import inspect
 import json
+import multiprocessing
 import os
 import platform
 import re
+import signal
+import time
 import warnings
+import zlib
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 import numpy as np
 import requests
@@ -39,7 +66,8 @@ from tqdm import tqdm
 from train import UserError, parse_config, run_cli
 
 PREPARE_VERSION = 1  # bump when the output for the same input changes; older data is then rebuilt
-DATASETS = ('shakespeare_char', 'shakespeare', 'text', 'pydocs')
+DATASETS = ('shakespeare_char', 'shakespeare', 'text', 'pydocs', 'dolma', 'fineweb_edu', 'c4', 'urls')
+STREAM_DATASETS = DATASETS[4:]  # many source shards in, numbered token shards out
 TEXT_EXTS = ('.txt', '.md', '.jsonl')
 MIN_SPLIT_TOKENS = 2  # each split needs at least one (input, target) pair
 SEPARATOR = {'char': '\n\n', 'gpt2': '<|endoftext|>'}  # between documents; for gpt2 this is one token, eot
@@ -48,14 +76,23 @@ PYDOCS_SOURCE = f'pydoc_data.topics and stdlib docstrings (Python {platform.pyth
 
 @dataclass
 class PrepareConfig:
-    dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare | text | pydocs
+    dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare | text | pydocs; streaming: dolma | c4 |
+                                       # fineweb_edu | urls
     out_dir: str = ''                  # '' = data/<dataset>
-    input: str = ''                    # a local file instead of the download; for text: a file, folder or glob
+    input: str = ''                    # a local file instead of the download; for text: a file, folder or glob;
+                                       # streaming: a list of shards (file or URL, one per line) or a,b,c
     tokenizer: str = ''                # char | gpt2; '' = gpt2 for shakespeare, char for the others
-    val_fraction: float = 0.1          # the last this much of the text is the validation split
+    val_fraction: float = 0.1          # the last this much of the text is the validation split (not streaming)
     url: str = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
     cache_dir: str = 'data/.cache'     # downloads are kept here and not fetched again
     timeout: float = 30.0              # seconds to wait for the download server
+    # streaming datasets only (counts of tokens are floats so that 5e9 works)
+    num_proc: int = 0                  # tokenizer processes; 0 = one per CPU core
+    max_tokens: float = 0              # stop after this many tokens in all (the last document is cut); 0 = no limit
+    shard_tokens: float = 1e8          # tokens per train_NNNNN.bin
+    val_tokens: float = 1e6            # val.bin: the first documents, until it holds at least this many tokens
+    min_chars: int = 1                 # drop documents with fewer characters (not counting outer whitespace)
+    keep_downloads: bool = False       # keep downloaded source shards in cache_dir after they are tokenized
 
 
 class DownloadError(Exception):
@@ -65,28 +102,54 @@ class DownloadError(Exception):
 # getting the text: a list of documents
 
 
-def download(url, cache_dir, timeout):
-    """Path of a cached copy of url, downloading it first if needed (to a temp file, renamed when complete)."""
+def download(url, cache_dir, timeout, retries=0):
+    """Path of a cached copy of url, downloading it first if needed. The bytes go to a .part file, renamed only
+    when it holds all the Content-Length bytes; a broken transfer continues from where it stopped (an HTTP
+    Range request), up to `retries` more times now and otherwise on the next call."""
     name = hashlib.sha1(url.encode()).hexdigest()[:10] + '-' + (os.path.basename(url.split('?')[0]) or 'index')
     path = os.path.join(cache_dir, name)
     if os.path.isfile(path):
         return path
-    tmp = path + '.part'
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as r:
-            r.raise_for_status()
-            os.makedirs(cache_dir, exist_ok=True)
-            size = int(r.headers.get('content-length', 0)) or None
-            bar = tqdm(total=size, unit='B', unit_scale=True, desc='download', disable=None)  # None: only on a tty
-            with open(tmp, 'wb') as f, bar:
-                for chunk in r.iter_content(1 << 16):
-                    bar.update(f.write(chunk))
-    except (requests.RequestException, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DownloadError(short_reason(e)) from None
-    os.replace(tmp, path)
+    for attempt in range(retries + 1):
+        try:
+            download_part(url, path + '.part', timeout)
+            break
+        except (requests.RequestException, OSError, DownloadError) as e:
+            status = e.response.status_code if isinstance(e, requests.HTTPError) else 500
+            if attempt == retries or status < 500 and status != 429:  # 404 and the like will not get better
+                raise DownloadError(short_reason(e)) from None
+            time.sleep(2 ** attempt)
+    os.replace(path + '.part', path)
     return path
+
+
+def download_part(url, part, timeout):
+    """Fetch url into the file part, continuing after the bytes it already holds if the server takes Range."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {'Accept-Encoding': 'identity'}  # the bytes as stored, so that Content-Length counts them
+    if have:
+        headers['Range'] = f'bytes={have}-'
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+        if r.status_code == 416 and have:  # asked for bytes past the end
+            if r.headers.get('content-range') == f'bytes */{have}':
+                return  # the .part was complete already
+            os.remove(part)
+            raise DownloadError('the partial download is longer than the file')
+        r.raise_for_status()
+        if r.status_code == 206 and not r.headers.get('content-range', '').startswith(f'bytes {have}-'):
+            os.remove(part)
+            raise DownloadError('the server sent another part of the file than asked for')
+        have = have if r.status_code == 206 else 0  # 200: the server ignored Range and sends it all
+        size = int(r.headers['content-length']) if 'content-length' in r.headers else None
+        os.makedirs(os.path.dirname(part), exist_ok=True)
+        bar = tqdm(total=size and have + size, initial=have, unit='B', unit_scale=True, disable=None,  # None: tty only
+                   desc=os.path.basename(url.split('?')[0])[:40])
+        with open(part, 'ab' if have else 'wb') as f, bar:
+            for chunk in r.iter_content(1 << 16):
+                bar.update(f.write(chunk))
+        got = os.path.getsize(part) - have
+        if size is not None and got != size and 'content-encoding' not in r.headers:
+            raise DownloadError(f'received {got:,} of {size:,} bytes')
 
 
 def short_reason(e):
@@ -95,6 +158,10 @@ def short_reason(e):
         return f'HTTP {e.response.status_code}'
     if isinstance(e, requests.Timeout):
         return 'timed out'
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):  # e.g. fewer bytes than Content-Length
+        return 'the connection broke off before the end of the file'
+    if isinstance(e, DownloadError):
+        return str(e)
     m = re.search(r'\[Errno -?\d+\] ([^\'")]+)', str(e))  # e.g. [Errno -2] Name or service not known
     return m.group(1).strip() if m else type(e).__name__
 
@@ -130,6 +197,19 @@ def find_files(pattern):
     raise UserError(f"input '{pattern}' not found: give a file, a folder or a glob such as 'notes/**/*.md'")
 
 
+def jsonl_text(line):
+    """The "text" string of one JSON line (str or bytes), or None if it has none."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or bytes that are not UTF-8
+        return None
+    text = record.get('text') if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        return None
+    # JSON can hold half an emoji (a lone surrogate), which no encoder takes: make it U+FFFD
+    return text.encode('utf-8', 'surrogatepass').decode('utf-8', 'replace')
+
+
 def read_documents(pattern):
     """One document per text file or per jsonl record; skips (and counts) files and records it cannot use."""
     files = find_files(pattern)
@@ -143,15 +223,11 @@ def read_documents(pattern):
             bad_files.append(path)
         elif path.lower().endswith('.jsonl'):
             for line in filter(str.strip, text.splitlines()):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                if isinstance(record, dict) and isinstance(record.get('text'), str):
-                    # JSON can hold half an emoji (a lone surrogate), which no encoder takes: make it U+FFFD
-                    docs.append(record['text'].encode('utf-8', 'surrogatepass').decode('utf-8', 'replace'))
-                else:
+                doc = jsonl_text(line)
+                if doc is None:
                     bad_records += 1
+                else:
+                    docs.append(doc)
         else:
             docs.append(text)
     if bad_files:
@@ -366,12 +442,18 @@ def already_prepared(out_dir, expect):
     return meta if all(got.get(k) == v for k, v in expect.items()) else None
 
 
+def meta_json(meta):
+    """meta.json's text: one key per line (a list such as the character list stays on one line)."""
+    return '{\n' + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}' for k, v in meta.items()) + '\n}\n'
+
+
 def save_split(tokens, path):
     tokens.tofile(path)
 
 
 def prepare(cfg, fallback=False):
-    """Write cfg.out_dir/{train.bin, val.bin, meta.json}, unless they already hold this data. Returns meta."""
+    """Write cfg.out_dir/{train.bin, val.bin, meta.json}, unless they already hold this data (streaming
+    datasets: see prepare_stream). Returns meta."""
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
     if cfg.tokenizer not in ('', 'char', 'gpt2'):
@@ -379,6 +461,8 @@ def prepare(cfg, fallback=False):
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (e.g. 0.1), not {cfg.val_fraction}")
     cfg.out_dir = cfg.out_dir or os.path.join('data', cfg.dataset)
+    if cfg.dataset in STREAM_DATASETS:
+        return prepare_stream(cfg)
     dataset, docs, source = load_corpus(cfg, fallback)
     kind = cfg.tokenizer or ('gpt2' if dataset == 'shakespeare' else 'char')
     expect = {'dataset': dataset, 'sha256': text_sha256(docs, kind), 'val_fraction': cfg.val_fraction,
@@ -401,8 +485,8 @@ def prepare(cfg, fallback=False):
     try:
         save_split(splits['train'], tmp['train.bin'])
         save_split(splits['val'], tmp['val.bin'])
-        with open(tmp['meta.json'], 'w') as f:  # one key per line, the character list on one line
-            f.write('{\n' + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}' for k, v in meta.items()) + '\n}\n')
+        with open(tmp['meta.json'], 'w') as f:
+            f.write(meta_json(meta))
         if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
             os.remove(os.path.join(cfg.out_dir, 'meta.json'))
         for name in names:
@@ -413,6 +497,443 @@ def prepare(cfg, fallback=False):
                 os.remove(path)
     print(f"wrote {cfg.out_dir}: {dataset}, {kind} tokenizer, vocab {meta['vocab_size']:,}, "
           f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens ({meta['dtype']})")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streaming datasets: source shards in, one at a time; numbered token shards out
+
+DOLMA_URLS = 'https://huggingface.co/datasets/allenai/dolma/resolve/main/urls/v1_6-sample.txt'
+SHARD_PATTERNS = {  # the datasets whose shards are numbered: (URL pattern, number of shards)
+    'c4': ('https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.{:05d}-of-01024.json.gz', 1024),
+    'fineweb_edu': ('https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/'
+                    '{:03d}_00000.parquet', 14),
+}
+SHARD_EXTS = ('.jsonl', '.json', '.txt', '.jsonl.gz', '.json.gz', '.txt.gz', '.parquet')
+DOWNLOAD_RETRIES = 4        # per source shard, 1+2+4+8 s apart
+BATCH_BYTES = 1 << 20       # documents go to the tokenizer processes in batches of about this many bytes
+STATE = 'stream_state.json'  # an unfinished run's progress; removed once meta.json is written
+HASHES = 'stream_hashes.bin'  # the kept documents' hashes, 16 bytes each, so that a resumed run drops the same
+OUTPUT_FILE = re.compile(r'((?:val|train_\d{5,})\.bin)(\.tmp)?')
+
+
+class DamagedShard(Exception):
+    pass
+
+
+def is_url(s):
+    return s.startswith(('http://', 'https://'))
+
+
+def shard_ext(source):
+    """'.json.gz' for 'https://host/c4-train.00000-of-01024.json.gz?download=true'; None if not a shard."""
+    name = source.split('?')[0].lower()
+    return next((ext for ext in SHARD_EXTS if name.endswith(ext)), None)
+
+
+def stream_sources(cfg):
+    """(the source shards in order, URLs or local paths; the source as meta.json records it)."""
+    if not cfg.input and cfg.dataset in SHARD_PATTERNS:
+        pattern, n = SHARD_PATTERNS[cfg.dataset]
+        return [pattern.format(i) for i in range(n)], f'{pattern} for 0..{n - 1}'
+    spec = cfg.input or (DOLMA_URLS if cfg.dataset == 'dolma' else '')
+    if not spec:
+        raise UserError("--dataset=urls needs --input: a file (local or a URL) listing .jsonl(.gz) or .txt(.gz) "
+                        "URLs or paths one per line, or a comma-separated list of them")
+    sources = [s.strip() for s in spec.split(',') if s.strip()]
+    if len(sources) == 1 and shard_ext(sources[0]) in (None, '.txt'):  # a list of shards
+        sources = read_shard_list(sources[0], cfg)
+    for s in sources:
+        if not shard_ext(s):
+            raise UserError(f"'{s}' is not a {', '.join(SHARD_EXTS)} file; for one list of shards give "
+                            f"--input=LIST (one per line), for several shards --input=A,B,C")
+        if not is_url(s) and not os.path.isfile(s):
+            raise UserError(f"source shard '{s}' not found")
+    return sources, spec
+
+
+def read_shard_list(where, cfg):
+    """The shards a text file (local or a URL) lists one per line; relative entries are relative to the list."""
+    if is_url(where):
+        try:
+            path = download(where, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
+        except DownloadError as e:
+            raise UserError(f"could not download the list of shards {where} ({e})") from None
+    elif os.path.isfile(where):
+        path = where
+    else:
+        raise UserError(f"input '{where}' not found: give a file that lists shard URLs or paths, one per line")
+    with open(path, encoding='utf-8', errors='replace') as f:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith('#')]
+    for i, line in enumerate(lines):
+        if not shard_ext(line):
+            raise UserError(f"line {i + 1} of '{where}' ({line[:60]!r}) is not a shard URL or path: one .txt "
+                            f"--input is read as a list of shards (for a text file use --dataset=text)")
+    if not lines:
+        raise UserError(f"'{where}' lists no shards")
+    if is_url(where):
+        return [urljoin(where, line) for line in lines]
+    return [line if is_url(line) else os.path.join(os.path.dirname(where), line) for line in lines]
+
+
+def fetch_source(source, cfg):
+    """Local path of a source shard: the path itself, or the URL's download in cache_dir."""
+    if not is_url(source):
+        return source
+    try:
+        return download(source, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
+    except DownloadError as e:
+        raise UserError(f"could not download {source} ({e})") from None
+
+
+def parquet_module(what):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"{what} are parquet files, which need pyarrow: `pip install pyarrow` (or give "
+                        f"--input=a list of .jsonl.gz shards)") from None
+    return pyarrow.parquet
+
+
+def read_records(path):
+    """The raw records of one source shard, in order: the lines of a .jsonl/.json file (bytes), the text of a
+    .txt file (str; None if it is not UTF-8), the "text" column of a .parquet file (str). Streams: one line or
+    one parquet row group in memory at a time."""
+    ext = shard_ext(path)
+    try:
+        if ext == '.parquet':
+            try:
+                for batch in parquet_module(path).ParquetFile(path).iter_batches(columns=['text']):
+                    yield from batch.column(0).to_pylist()
+            except (ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise DamagedShard(f'not a parquet file with a "text" column: {e}') from None
+            return
+        with (gzip.open if ext.endswith('.gz') else open)(path, 'rb') as f:
+            if ext.startswith('.txt'):
+                try:
+                    yield f.read().decode('utf-8-sig')
+                except UnicodeDecodeError:
+                    yield None
+                return
+            for line in f:
+                if line.strip():
+                    yield line
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt gzip file
+        raise DamagedShard(str(e) or type(e).__name__) from None
+
+
+def record_batches(records):
+    """Lists of records of about BATCH_BYTES each."""
+    batch, size = [], 0
+    for record in records:
+        batch.append(record)
+        size += len(record or '')
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def ordinary_encoder(tokenizer):
+    """encode(str) -> token ids for a meta['tokenizer'] dict, with special tokens' text read as plain text."""
+    if tokenizer.get('kind') == 'tiktoken':
+        return tiktoken_encoding(tokenizer['name']).encode_ordinary
+    raise UserError(f"the streaming datasets cannot use tokenizer {tokenizer!r}")
+
+
+_worker = {}  # this process's encode function and min_chars, from init_worker
+
+
+def init_worker(tokenizer, min_chars):
+    """Set up a tokenizer process: the encoder is built here from its description, so it need not pickle."""
+    if multiprocessing.parent_process():  # a pool process: Ctrl-C is for the main process to handle
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.update(encode=ordinary_encoder(tokenizer), min_chars=max(min_chars, 1))
+
+
+def encode_batch(records):
+    """([(hash, tokens) per record], bytes of text tokenized). The hash is None for a record without text, and
+    tokens is None for a text shorter than min_chars; otherwise tokens is a uint32 array."""
+    encode, min_chars = _worker['encode'], _worker['min_chars']
+    results, nbytes = [], 0
+    for record in records:
+        text = jsonl_text(record) if isinstance(record, bytes) else record
+        if text is None:
+            results.append((None, None))
+        elif len(text.strip()) < min_chars:
+            results.append((b'', None))
+        else:
+            raw = text.encode('utf-8')
+            tokens = np.concatenate([np.asarray(encode(piece), dtype=np.uint32) for piece in pieces(text)])
+            results.append((hashlib.blake2b(raw, digest_size=16).digest(), tokens))
+            nbytes += len(raw)
+    return results, nbytes
+
+
+def encoded_batches(path, pool, ahead):
+    """encode_batch's results for one source shard, in order, by the pool's processes (or this one if None).
+    Not pool.imap: it reads all its input at once; here at most `ahead` batches are in flight."""
+    batches = record_batches(read_records(path))
+    if pool is None:
+        yield from map(encode_batch, batches)
+        return
+    pending = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(encode_batch, (batch,)))
+        if len(pending) > ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class TokenWriter:
+    """Appends documents' tokens, eot between documents, to val.bin until it holds val_tokens (whole documents),
+    then to train_00000.bin, train_00001.bin, ... of shard_tokens each, and stops at max_tokens in all (0: no
+    limit). Files are written as NAME.tmp; commit() renames the complete ones, restore() goes back to a commit."""
+
+    def __init__(self, out_dir, dtype, eot, val_tokens, shard_tokens, max_tokens):
+        self.out_dir, self.dtype, self.eot = out_dir, dtype, eot
+        self.val_tokens, self.shard_tokens, self.max_tokens = val_tokens, shard_tokens, max_tokens
+        self.n = {'val': 0, 'train': 0}  # tokens written to each split
+        self.file = None  # (name, open file) being appended to
+
+    def total(self):
+        return self.n['val'] + self.n['train']
+
+    def files(self, final=False):
+        """[(name, tokens, complete)] for the files that hold what was written; with final, all are complete."""
+        files = [('val.bin', self.n['val'], final or self.n['val'] >= self.val_tokens)] if self.n['val'] else []
+        for start in range(0, self.n['train'], self.shard_tokens):
+            tokens = min(self.shard_tokens, self.n['train'] - start)
+            files.append((f'train_{start // self.shard_tokens:05d}.bin', tokens, final or tokens == self.shard_tokens))
+        return files
+
+    def add(self, tokens):
+        """Append one document; False once max_tokens are written (the last document may be cut short)."""
+        split = 'val' if self.n['val'] < self.val_tokens else 'train'
+        if self.n[split]:
+            tokens = np.concatenate(([self.eot], tokens))
+        if self.max_tokens:
+            tokens = tokens[:self.max_tokens - self.total()]
+        while len(tokens):
+            if split == 'val':
+                name, room = 'val.bin', len(tokens)
+            else:
+                shard, offset = divmod(self.n['train'], self.shard_tokens)
+                name, room = f'train_{shard:05d}.bin', self.shard_tokens - offset
+            if not self.file or self.file[0] != name:
+                self.close()
+                self.file = (name, open(os.path.join(self.out_dir, name + '.tmp'), 'ab'))
+            self.file[1].write(tokens[:room].astype(self.dtype).tobytes())
+            self.n[split] += len(tokens[:room])
+            tokens = tokens[room:]
+        return not self.max_tokens or self.total() < self.max_tokens
+
+    def close(self):
+        if self.file:
+            self.file[1].flush()
+            os.fsync(self.file[1].fileno())
+            self.file[1].close()
+            self.file = None
+
+    def commit(self, final=False):
+        """Make what was written durable and rename the complete files (with final: all files) to NAME."""
+        self.close()
+        for name, _, complete in self.files(final):
+            path = os.path.join(self.out_dir, name)
+            if complete and os.path.exists(path + '.tmp'):
+                os.replace(path + '.tmp', path)
+
+    def restore(self, n):
+        """Cut out_dir's files back to a committed position n ({'val': tokens, 'train': tokens}), named as
+        commit() left them; what was written after it is dropped. False if a file is missing or too short."""
+        self.n = dict(n)
+        want = {name: (tokens, complete) for name, tokens, complete in self.files()}
+        for f in os.listdir(self.out_dir):
+            m = OUTPUT_FILE.fullmatch(f)
+            if m and m[1] not in want:
+                os.remove(os.path.join(self.out_dir, f))
+        for name, (tokens, complete) in want.items():
+            path = os.path.join(self.out_dir, name)
+            found = [p for p in (path, path + '.tmp') if os.path.exists(p)]
+            if not found or os.path.getsize(found[0]) < tokens * self.dtype.itemsize:
+                return False
+            for extra in found[1:]:
+                os.remove(extra)
+            os.truncate(found[0], tokens * self.dtype.itemsize)
+            os.replace(found[0], path if complete else path + '.tmp')
+        return True
+
+
+def write_atomic(path, text):
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+def clear_stream_output(out_dir):
+    """Remove a dataset from out_dir (meta.json first, so it never looks complete): a fresh start."""
+    for name in ['meta.json'] + sorted(os.listdir(out_dir)):
+        if name in ('meta.json', 'meta.json.tmp', 'train.bin', 'val.bin', STATE, STATE + '.tmp', HASHES) or \
+                OUTPUT_FILE.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+
+
+def resume_stream(out_dir, run, writer):
+    """(document counts, hashes of the kept documents, source shards done) where an interrupted run with the
+    same settings stopped, with writer restored to that point; for anything else, a cleared out_dir and zeros."""
+    try:
+        with open(os.path.join(out_dir, STATE)) as f:
+            state = json.load(f)
+        if state['run'] == run and writer.restore(state['written']):
+            size = 16 * state['documents']['kept']
+            with open(os.path.join(out_dir, HASHES), 'r+b') as f:
+                f.truncate(size)
+                raw = f.read()
+            if len(raw) == size:
+                return state['documents'], {raw[i:i + 16] for i in range(0, size, 16)}, state['sources_done']
+        print(f"{out_dir} holds an unfinished run with other settings or damaged files: starting over")
+    except (OSError, ValueError, KeyError, TypeError):  # no state file: a new run
+        pass
+    writer.n = {'val': 0, 'train': 0}
+    clear_stream_output(out_dir)
+    return {'seen': 0, 'kept': 0, 'duplicates': 0, 'too_short': 0, 'bad': 0}, set(), 0
+
+
+def save_progress(out_dir, writer, new_hashes, state):
+    """Checkpoint after a source shard: the output files, then the new hashes, then the state that names both."""
+    writer.commit()
+    with open(os.path.join(out_dir, HASHES), 'ab') as f:
+        f.write(b''.join(new_hashes))
+        f.flush()
+        os.fsync(f.fileno())
+    write_atomic(os.path.join(out_dir, STATE), json.dumps(state))
+
+
+def token_count(cfg, key, least):
+    value = getattr(cfg, key)
+    if value != int(value) or value < least:
+        raise UserError(f"{key} must be a whole number of tokens of at least {least}, e.g. --{key}=1e6, not {value}")
+    return int(value)
+
+
+def add_source(path, pool, ahead, writer, hashes, docs, bar):
+    """Tokenize one source shard into writer, dropping documents without text, short ones and repeats (counted
+    in docs; hashes holds the kept ones'). Returns (new hashes, bytes of text tokenized, max_tokens reached)."""
+    new_hashes, text_bytes = [], 0
+    for results, nbytes in encoded_batches(path, pool, ahead):
+        text_bytes += nbytes
+        for digest, tokens in results:
+            docs['seen'] += 1
+            if digest is None:
+                docs['bad'] += 1
+            elif tokens is None:
+                docs['too_short'] += 1
+            elif digest in hashes:
+                docs['duplicates'] += 1
+            else:
+                hashes.add(digest)
+                new_hashes.append(digest)
+                docs['kept'] += 1
+                if not writer.add(tokens):
+                    return new_hashes, text_bytes, True
+        bar.update(writer.total() - bar.n)
+    return new_hashes, text_bytes, False
+
+
+def stream_already_prepared(out_dir, run):
+    """The existing meta.json if out_dir holds complete data made with the same settings from the same shards."""
+    try:
+        with open(os.path.join(out_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        files = [('val.bin', meta['val_tokens'])] + [(s['file'], s['tokens']) for s in meta['train_shards']]
+        itemsize = np.dtype(meta['dtype']).itemsize
+        if any(os.path.getsize(os.path.join(out_dir, name)) != n * itemsize for name, n in files):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if all(meta.get(k) == v for k, v in run.items()) else None
+
+
+def prepare_stream(cfg):
+    """Write cfg.out_dir/{val.bin, train_00000.bin, ..., meta.json} from a streaming dataset's source shards,
+    continuing an interrupted run of the same command. Returns meta."""
+    val_tokens, shard_tokens = token_count(cfg, 'val_tokens', 1), token_count(cfg, 'shard_tokens', 1)
+    max_tokens = token_count(cfg, 'max_tokens', 0)
+    if max_tokens and max_tokens <= val_tokens:
+        raise UserError(f"max_tokens ({max_tokens:,}) must be more than val_tokens ({val_tokens:,})")
+    if cfg.tokenizer == 'char':
+        raise UserError("the streaming datasets need a fixed vocabulary: use --tokenizer=gpt2 (the default)")
+    if cfg.num_proc < 0:
+        raise UserError(f"num_proc must be 0 (one per CPU core) or more, not {cfg.num_proc}")
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    sources, source = stream_sources(cfg)
+    if any(shard_ext(s) == '.parquet' for s in sources):
+        parquet_module(f"{cfg.dataset}'s shards")  # fail before any download
+    tokenizer = {'kind': 'tiktoken', 'name': 'gpt2'}
+    enc = tiktoken_encoding(tokenizer['name'])
+    dtype = np.dtype(np.uint16 if enc.n_vocab <= 65536 else np.uint32)
+    settings = {'sources_sha256': hashlib.sha256('\n'.join(sources).encode()).hexdigest(), 'val_tokens': val_tokens,
+                'shard_tokens': shard_tokens, 'max_tokens': max_tokens, 'min_chars': cfg.min_chars}
+    run = {'dataset': cfg.dataset, 'vocab_size': enc.n_vocab, 'dtype': dtype.name, 'tokenizer': tokenizer,
+           'eot_token': enc.eot_token, 'source': source, 'settings': settings, 'prepare_version': PREPARE_VERSION}
+    old = stream_already_prepared(cfg.out_dir, run)
+    if old:
+        print(f"already prepared: {cfg.out_dir} holds {cfg.dataset}, {old['train_tokens']:,} train tokens in "
+              f"{len(old['train_shards'])} shards and {old['val_tokens']:,} val tokens")
+        return old
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    writer = TokenWriter(cfg.out_dir, dtype, enc.eot_token, val_tokens, shard_tokens, max_tokens)
+    docs, hashes, done = resume_stream(cfg.out_dir, run, writer)
+    if done:
+        print(f"resuming: {done} of {len(sources)} source shards were done, {writer.total():,} tokens written")
+    init_worker(tokenizer, cfg.min_chars)  # num_proc=1 tokenizes in this process
+    pool = multiprocessing.Pool(num_proc, init_worker, (tokenizer, cfg.min_chars)) if num_proc > 1 else None
+    start, text_bytes, full, i = time.time(), 0, False, done - 1
+    bar = tqdm(total=max_tokens or None, initial=writer.total(), unit='tok', unit_scale=True, desc='tokens',
+               disable=None)
+    with pool or contextlib.nullcontext(), bar:
+        while not full and i + 1 < len(sources):
+            i += 1
+            path = fetch_source(sources[i], cfg)
+            try:
+                new_hashes, nbytes, full = add_source(path, pool, 2 * num_proc, writer, hashes, docs, bar)
+            except DamagedShard as e:
+                if is_url(sources[i]):
+                    os.remove(path)  # so that the next run downloads it again
+                raise UserError(f"source shard {sources[i]} is damaged ({e}); " + (
+                    "its download was deleted: run the same command again to fetch it anew" if is_url(sources[i])
+                    else "replace the file or leave it out")) from None
+            text_bytes += nbytes
+            if not full:
+                save_progress(cfg.out_dir, writer, new_hashes, {'run': run, 'sources_done': i + 1,
+                                                                'written': writer.n, 'documents': docs})
+                tqdm.write(f'{i + 1}/{len(sources)} source shards, {writer.total():,} tokens: {sources[i]}')
+                if is_url(sources[i]) and not cfg.keep_downloads:
+                    os.remove(path)
+    seconds = time.time() - start
+    writer.commit(final=True)
+    if writer.n['train'] < MIN_SPLIT_TOKENS:
+        raise UserError(f"only {writer.total():,} tokens in {docs['kept']:,} documents, and val.bin takes the first "
+                        f"{val_tokens:,}: lower --val_tokens or give more shards")
+    meta = {k: run[k] for k in ('dataset', 'vocab_size', 'dtype', 'tokenizer', 'eot_token')}
+    meta.update(train_tokens=writer.n['train'], val_tokens=writer.n['val'],
+                train_shards=[{'file': name, 'tokens': n} for name, n, _ in writer.files() if name != 'val.bin'],
+                documents=docs, source=source, source_shards_read=i + 1, settings=settings,
+                prepare_version=PREPARE_VERSION)
+    write_atomic(os.path.join(cfg.out_dir, 'meta.json'), meta_json(meta))
+    for name in (STATE, HASHES):
+        with contextlib.suppress(FileNotFoundError):  # none if it stopped in the first source shard
+            os.remove(os.path.join(cfg.out_dir, name))
+    if full and is_url(sources[i]) and not cfg.keep_downloads:
+        os.remove(path)  # the shard it stopped in
+    print(f"wrote {cfg.out_dir}: {cfg.dataset}, gpt2 tokenizer, {meta['val_tokens']:,} val and "
+          f"{meta['train_tokens']:,} train tokens in {len(meta['train_shards'])} shards ({meta['dtype']})\n"
+          f"documents: {', '.join(f'{v:,} {k}' for k, v in docs.items())}; tokenized {text_bytes / 1e6:,.1f} MB "
+          f"of text in {seconds:.1f} s ({text_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {num_proc} processes)")
     return meta
 
 
