@@ -492,11 +492,12 @@ def main(argv):
     if 'input' in opts:
         if 'vocab_size' not in opts:
             raise BPEError("training needs --vocab_size, e.g. --vocab_size=32000")
+        out = opts.get('out', 'tok.model')
         specials = [t for t in opts.get('special_tokens', ENDOFTEXT).split(',') if t]
         tok = train(opts['input'].split(','), opts['vocab_size'], opts.get('pattern', 'gpt4'), specials,
-                    opts.get('min_frequency', 1), name=os.path.splitext(os.path.basename(opts.get('out', 'tok')))[0])
-        tok.save(opts.get('out', 'tok.model'))
-        print(f"wrote {opts.get('out', 'tok.model')} ({tok.vocab_size:,} tokens)")
+                    opts.get('min_frequency', 1), name=os.path.splitext(os.path.basename(out))[0])
+        tok.save(out)
+        print(f"wrote {out} ({tok.vocab_size:,} tokens)")
         if 'tiktoken_out' in opts:
             tok.save_tiktoken(opts['tiktoken_out'])
             print(f"wrote {opts['tiktoken_out']}")
@@ -516,7 +517,7 @@ def main(argv):
         try:
             ids = [int(i) for i in opts['decode'].replace(',', ' ').split()]
         except ValueError:
-            raise BPEError(f"--decode takes ids separated by commas, e.g. --decode=15496,995") from None
+            raise BPEError("--decode takes ids separated by commas, e.g. --decode=15496,995") from None
         print(tok.decode(ids))
 
 
