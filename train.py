@@ -576,6 +576,7 @@ def train(cfg):
                 break
             t_log += time.time() - t_eval  # evaluation time is not training throughput
     if ddp:
+        torch.distributed.barrier()  # rank 0 may still be writing; Gloo aborts if a peer leaves mid-flight
         torch.distributed.destroy_process_group()
     return result
 

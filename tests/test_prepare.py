@@ -40,7 +40,7 @@ def run(tmp_path, *args, out='out'):
     prepare.main([*args, f'--out_dir={out_dir}', f'--cache_dir={tmp_path / "cache"}'])
     meta, data = train.load_data(str(out_dir))  # the way train.py reads it
     _, decode = prepare.load_tokenizer(meta)
-    return meta, decode(data['train'].tolist()), decode(data['val'].tolist())
+    return meta, decode(np.concatenate(data['train']).tolist()), decode(np.concatenate(data['val']).tolist())
 
 
 def write(path, content):
@@ -189,7 +189,7 @@ def test_no_arguments_offline_falls_back_to_pydocs(tmp_path):
     first, *rest = r.stdout.strip().splitlines()
     assert first.startswith('could not download Tiny Shakespeare (') and 'pydocs' in first
     meta, data = train.load_data(str(tmp_path / 'data' / 'shakespeare_char'))  # train.py's default data_dir
-    assert meta['dataset'] == 'pydocs' and len(data['train']) > 1_000_000
+    assert meta['dataset'] == 'pydocs' and sum(map(len, data['train'])) > 1_000_000
     assert not (tmp_path / 'data' / '.cache').exists()  # a failed download leaves nothing behind
 
 # ----------------------------------------------------------------------------------------------------------
