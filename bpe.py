@@ -10,6 +10,7 @@ Byte-level BPE: train your own tokenizer fast, encode it in readable pure Python
     ids = tok.encode('hi<|endoftext|>', allowed_special='all')
     enc = tok.to_tiktoken()                             # the same ids, fast: what prepare.py uses
     tok.save('tok.model'); tok = bpe.Tokenizer.load('tok.model')
+    text = tok.dumps(); tok = bpe.Tokenizer.loads(text)  # the same file's text, in memory
 
 Training (train_ranks) is minbpe's algorithm, made fast in two ways. Text is cut into chunks by a regex
 (GPT-2's or GPT-4's split pattern) and each unique chunk is stored once, with its count. And where minbpe
@@ -385,8 +386,8 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------------
     # files and tiktoken
 
-    def save(self, path):
-        """Write the readable model file: a header, then one line per token in id (= merge) order, as the
+    def dumps(self):
+        """The readable model file's text: a header, then one line per token in id (= merge) order, as the
         id and the token as a JSON string (or, when its bytes are not UTF-8, a JSON list of byte values)."""
         lines = [FILE_HEADER, f'name {json.dumps(self.name)}', f'pattern {json.dumps(self.pattern)}']
         lines += [f'special {i} {json.dumps(t)}' for t, i in self.special_tokens.items()]
@@ -396,9 +397,13 @@ class Tokenizer:
             except UnicodeDecodeError:
                 shown = json.dumps(list(token))
             lines.append(f'{i} {shown}')
+        return '\n'.join(lines) + '\n'
+
+    def save(self, path):
+        """Write dumps() to path."""
         path = os.fspath(path)
         with open(path + '.tmp', 'w', encoding='utf-8', newline='\n') as f:
-            f.write('\n'.join(lines) + '\n')
+            f.write(self.dumps())
         os.replace(path + '.tmp', path)  # never a half-written model file
 
     @classmethod
@@ -406,25 +411,38 @@ class Tokenizer:
         """The Tokenizer saved at path by save()."""
         if not os.path.isfile(path):
             raise BPEError(f"tokenizer file {path} not found (write one with: python bpe.py --input=... --out={path})")
+        with open(path, 'rb') as f:
+            raw = f.read()
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError:
+            raise BPEError(f"{path} is not a bpe.py tokenizer file (it is not UTF-8 text)") from None
+        return cls.loads(text, where=path)
+
+    @classmethod
+    def loads(cls, text, where='the tokenizer text'):
+        """The Tokenizer whose dumps() is text; where names it in error messages."""
         fields, specials, ranks = {}, {}, {}
-        with open(path, encoding='utf-8', newline='\n') as f:
-            if f.readline().rstrip('\n') != FILE_HEADER:
-                raise BPEError(f"{path} is not a bpe.py tokenizer file (its first line is not {FILE_HEADER!r})")
-            for n, line in enumerate(f, 2):
-                key, _, value = line.rstrip('\n').partition(' ')
-                try:
-                    if key.isdigit():
-                        token = json.loads(value)
-                        ranks[token.encode('utf-8') if isinstance(token, str) else bytes(token)] = int(key)
-                    elif key == 'special':
-                        i, _, text = value.partition(' ')
-                        specials[json.loads(text)] = int(i)
-                    else:
-                        fields[key] = json.loads(value)
-                except (ValueError, TypeError):
-                    raise BPEError(f"{path}:{n} is damaged: {line[:80]!r}") from None
+        lines = text.split('\n')
+        if lines[0] != FILE_HEADER:
+            raise BPEError(f"{where} is not a bpe.py tokenizer file (its first line is not {FILE_HEADER!r})")
+        for n, line in enumerate(lines[1:], 2):
+            if not line and n == len(lines):  # the final newline
+                break
+            key, _, value = line.partition(' ')
+            try:
+                if key.isdigit():
+                    token = json.loads(value)
+                    ranks[token.encode('utf-8') if isinstance(token, str) else bytes(token)] = int(key)
+                elif key == 'special':
+                    i, _, name = value.partition(' ')
+                    specials[json.loads(name)] = int(i)
+                else:
+                    fields[key] = json.loads(value)
+            except (ValueError, TypeError):
+                raise BPEError(f"{where}:{n} is damaged: {line[:80]!r}") from None
         if 'pattern' not in fields:
-            raise BPEError(f"{path} has no pattern line")
+            raise BPEError(f"{where} has no pattern line")
         return cls(ranks, fields['pattern'], specials, fields.get('name', 'bpe'))
 
     def to_tiktoken(self):

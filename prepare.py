@@ -6,6 +6,13 @@ Turn text into the token files train.py reads: out_dir/train.bin, out_dir/val.bi
     python prepare.py --input=input.txt                  # a local copy of Tiny Shakespeare, no download
     python prepare.py --dataset=pydocs                   # offline: Python's own help texts and docstrings
     python prepare.py --dataset=text --input=notes/ --tokenizer=gpt2 --out_dir=data/notes
+    python prepare.py --dataset=text --input=notes/ --tokenizer=bpe --vocab_size=4096 --out_dir=data/notes
+    python prepare.py --dataset=text --input=notes/ --tokenizer=bpe --tokenizer_path=tok.model   # from bpe.py
+
+--tokenizer=bpe uses our own byte-level BPE (bpe.py): trained on the train split only with --vocab_size
+(GPT-4's split pattern, <|endoftext|> as the last id), or loaded from --tokenizer_path, a file written by
+`python bpe.py --out=...` that has an <|endoftext|> token. Either way it is saved as out_dir/tokenizer.model and
+meta.json records its sha256; train.py copies it into every checkpoint, so sample.py needs no data folder.
 
 Datasets: shakespeare_char and shakespeare download Tiny Shakespeare once (cached in cache_dir); text reads
 --input, a .txt/.md/.jsonl file, a folder (searched for those recursively) or a glob, where a .jsonl record's
@@ -63,6 +70,7 @@ import requests
 import tiktoken
 from tqdm import tqdm
 
+import bpe
 from train import UserError, parse_config, run_cli
 
 PREPARE_VERSION = 1  # bump when the output for the same input changes; older data is then rebuilt
@@ -70,7 +78,9 @@ DATASETS = ('shakespeare_char', 'shakespeare', 'text', 'pydocs', 'dolma', 'finew
 STREAM_DATASETS = DATASETS[4:]  # many source shards in, numbered token shards out
 TEXT_EXTS = ('.txt', '.md', '.jsonl')
 MIN_SPLIT_TOKENS = 2  # each split needs at least one (input, target) pair
-SEPARATOR = {'char': '\n\n', 'gpt2': '<|endoftext|>'}  # between documents; for gpt2 this is one token, eot
+SEPARATOR = {'char': '\n\n', 'gpt2': bpe.ENDOFTEXT, 'bpe': bpe.ENDOFTEXT}  # between documents; for BPE one token, eot
+TOKENIZER_FILE = 'tokenizer.model'  # a bpe tokenizer, beside meta.json
+MIN_BPE_VOCAB = 257  # the 256 bytes and <|endoftext|>
 PYDOCS_SOURCE = f'pydoc_data.topics and stdlib docstrings (Python {platform.python_version()})'
 
 
@@ -81,7 +91,9 @@ class PrepareConfig:
     out_dir: str = ''                  # '' = data/<dataset>
     input: str = ''                    # a local file instead of the download; for text: a file, folder or glob;
                                        # streaming: a list of shards (file or URL, one per line) or a,b,c
-    tokenizer: str = ''                # char | gpt2; '' = gpt2 for shakespeare, char for the others
+    tokenizer: str = ''                # char | gpt2 | bpe; '' = gpt2 for shakespeare and streaming, else char
+    vocab_size: int = 0                # bpe: train a tokenizer of this many tokens on the train split
+    tokenizer_path: str = ''           # bpe: use this file from `python bpe.py --out=...` instead of training
     val_fraction: float = 0.1          # the last this much of the text is the validation split (not streaming)
     url: str = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
     cache_dir: str = 'data/.cache'     # downloads are kept here and not fetched again
@@ -326,7 +338,64 @@ def load_tokenizer(meta):
         enc = tiktoken_encoding(tok['name'])
         return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}),
                 lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'))
+    if tok.get('kind') == 'bpe':
+        if 'model' not in tok:  # train.load_data and prepare_stream put the file's text here
+            raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
+                            "train.load_data, or sample from a checkpoint written by train.py")
+        bpe_tok = bpe_from_text(tok['model'], 'the bpe tokenizer in meta')
+        enc, vocab = bpe_tok.to_tiktoken(), bpe_tok.vocab
+        return (lambda s: enc.encode(s, allowed_special='all'),  # a model's vocabulary may be padded: drop those
+                lambda ids: enc.decode([i for i in ids if i in vocab], errors='replace'))
     raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
+
+
+def bpe_from_text(text, where):
+    try:
+        return bpe.Tokenizer.loads(text, where)
+    except bpe.BPEError as e:
+        raise UserError(str(e)) from None
+
+
+def bpe_for(cfg, dataset, train_docs=None):
+    """(bpe.Tokenizer, its model file's text, meta['tokenizer'] without the text) for cfg: the file at
+    cfg.tokenizer_path, else one trained with cfg.vocab_size on train_docs (None: give the fields only)."""
+    if cfg.tokenizer_path:
+        try:
+            with open(cfg.tokenizer_path, 'rb') as f:
+                raw = f.read()
+            text = raw.decode('utf-8')
+        except OSError as e:
+            raise UserError(f"tokenizer_path '{cfg.tokenizer_path}' cannot be read ({e.strerror or e}): give a file "
+                            f"written by `python bpe.py --input=... --vocab_size=N --out=PATH`") from None
+        except UnicodeDecodeError:
+            raise UserError(f"tokenizer_path '{cfg.tokenizer_path}' is not a bpe.py tokenizer file (not UTF-8 text)")
+        fields = {'kind': 'bpe', 'file': TOKENIZER_FILE, 'sha256': hashlib.sha256(raw).hexdigest()}
+        if train_docs is None:
+            return None, text, fields
+        tok = bpe_from_text(text, cfg.tokenizer_path)
+        if tok.eot_token is None:
+            raise UserError(f"tokenizer_path '{cfg.tokenizer_path}' has no {bpe.ENDOFTEXT} token to separate "
+                            f"documents: train it with bpe.py's default --special_tokens")
+    else:
+        fields = {'kind': 'bpe', 'file': TOKENIZER_FILE, 'trained': {'vocab_size': cfg.vocab_size, 'pattern': 'gpt4'}}
+        if train_docs is None:
+            return None, None, fields
+        try:  # documents joined by <|endoftext|>, which training cuts at: no merge spans two documents
+            tok = bpe.train(bpe.ENDOFTEXT.join(train_docs), cfg.vocab_size, 'gpt4', [bpe.ENDOFTEXT],
+                            name=f'{dataset}_bpe{cfg.vocab_size}')
+        except bpe.BPEError as e:
+            raise UserError(str(e)) from None
+        text = tok.dumps()
+        fields['sha256'] = hashlib.sha256(text.encode('utf-8')).hexdigest()
+    return tok, text, {**fields, 'name': tok.name}
+
+
+def tokenizer_identity(tok):
+    """What must match for existing data to be reused: the kind, and for bpe the file's sha256 or the
+    training settings (the text is compared separately)."""
+    if tok['kind'] != 'bpe':
+        return tok['kind']  # a char vocabulary follows from the text
+    return {'trained': tok['trained']} if 'trained' in tok else {'sha256': tok['sha256']}
 
 
 def pieces(text, size=1 << 20):
@@ -394,8 +463,9 @@ def load_corpus(cfg, fallback):
     return 'pydocs', pydocs_documents(), PYDOCS_SOURCE
 
 
-def tokenize(docs, kind, val_fraction):
-    """Split the documents into train and val text, then tokenize each. Returns ({split: tokens}, meta fields)."""
+def tokenize(docs, kind, val_fraction, bpe_tok=None):
+    """Split the documents into train and val text, then tokenize each (for kind bpe with bpe_tok, a
+    bpe.Tokenizer). Returns ({split: tokens}, meta fields without the tokenizer's name and file)."""
     sep_text = SEPARATOR[kind]
     if kind == 'char':
         chars = sorted((set(sep_text) if len(docs) > 1 else set()).union(*map(set, docs)))
@@ -403,6 +473,9 @@ def tokenize(docs, kind, val_fraction):
         encode = lambda s: np.searchsorted(codes, np.frombuffer(s.encode('utf-32-le'), dtype=np.uint32))
         sep, info = encode(sep_text), {'vocab_size': len(chars), 'tokenizer': {'kind': 'char', 'chars': chars},
                                        'eot_token': None}
+    elif kind == 'bpe':
+        encode, sep = bpe_tok.to_tiktoken().encode_ordinary, [bpe_tok.eot_token]
+        info = {'vocab_size': bpe_tok.vocab_size, 'tokenizer': None, 'eot_token': bpe_tok.eot_token}
     else:
         enc = tiktoken_encoding('gpt2')
         encode, sep = enc.encode_ordinary, [enc.eot_token]
@@ -436,7 +509,11 @@ def already_prepared(out_dir, expect):
         sizes = [os.path.getsize(os.path.join(out_dir, f'{s}.bin')) for s in ('train', 'val')]
         if sizes != [meta['train_tokens'] * itemsize, meta['val_tokens'] * itemsize]:
             return None
-        got = {**meta, 'tokenizer': meta['tokenizer']['kind']}  # a char vocabulary follows from the text
+        got = {**meta, 'tokenizer': tokenizer_identity(meta['tokenizer'])}
+        if meta['tokenizer']['kind'] == 'bpe':
+            with open(os.path.join(out_dir, meta['tokenizer']['file']), 'rb') as f:
+                if hashlib.sha256(f.read()).hexdigest() != meta['tokenizer']['sha256']:
+                    return None
     except (OSError, ValueError, KeyError, TypeError):  # missing, damaged or from another program
         return None
     return meta if all(got.get(k) == v for k, v in expect.items()) else None
@@ -456,8 +533,22 @@ def prepare(cfg, fallback=False):
     datasets: see prepare_stream). Returns meta."""
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
-    if cfg.tokenizer not in ('', 'char', 'gpt2'):
-        raise UserError(f"tokenizer must be char or gpt2, not '{cfg.tokenizer}'")
+    if cfg.tokenizer not in ('', 'char', 'gpt2', 'bpe'):
+        raise UserError(f"tokenizer must be char, gpt2 or bpe, not '{cfg.tokenizer}'")
+    if cfg.tokenizer != 'bpe' and (cfg.vocab_size or cfg.tokenizer_path):
+        raise UserError("--vocab_size and --tokenizer_path are for --tokenizer=bpe")
+    if cfg.tokenizer == 'bpe':
+        if cfg.vocab_size and cfg.tokenizer_path:
+            raise UserError("give --vocab_size (train a tokenizer on the train split) or --tokenizer_path (use that "
+                            "one), not both")
+        if not cfg.tokenizer_path and cfg.dataset in STREAM_DATASETS:
+            raise UserError(f"--dataset={cfg.dataset} cannot train a tokenizer on its stream: train one with "
+                            f"`python bpe.py --input=... --vocab_size=32000 --out=tok.model`, then pass "
+                            f"--tokenizer_path=tok.model")
+        if not cfg.tokenizer_path and cfg.vocab_size < MIN_BPE_VOCAB:
+            raise UserError(f"--tokenizer=bpe needs --vocab_size of at least {MIN_BPE_VOCAB} (256 bytes and "
+                            f"{bpe.ENDOFTEXT}; e.g. 4096) to train one, or --tokenizer_path=FILE from bpe.py"
+                            + (f", not {cfg.vocab_size}" if cfg.vocab_size else ''))
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (e.g. 0.1), not {cfg.val_fraction}")
     cfg.out_dir = cfg.out_dir or os.path.join('data', cfg.dataset)
@@ -465,30 +556,40 @@ def prepare(cfg, fallback=False):
         return prepare_stream(cfg)
     dataset, docs, source = load_corpus(cfg, fallback)
     kind = cfg.tokenizer or ('gpt2' if dataset == 'shakespeare' else 'char')
+    tok_fields = bpe_for(cfg, dataset)[2] if kind == 'bpe' else {'kind': 'char' if kind == 'char' else 'tiktoken'}
     expect = {'dataset': dataset, 'sha256': text_sha256(docs, kind), 'val_fraction': cfg.val_fraction,
-              'prepare_version': PREPARE_VERSION, 'tokenizer': 'char' if kind == 'char' else 'tiktoken'}
+              'prepare_version': PREPARE_VERSION, 'tokenizer': tokenizer_identity(tok_fields)}
     old = already_prepared(cfg.out_dir, expect)
     if old:
         print(f"already prepared: {cfg.out_dir} holds {dataset} ({kind}), {old['train_tokens']:,} train and "
               f"{old['val_tokens']:,} val tokens")
         return old
 
-    splits, info = tokenize(docs, kind, cfg.val_fraction)
+    bpe_tok = model_text = None
+    if kind == 'bpe':  # trained on the train split only: val stays unseen
+        bpe_tok, model_text, tok_fields = bpe_for(cfg, dataset, split_documents(docs, cfg.val_fraction)[0])
+    splits, info = tokenize(docs, kind, cfg.val_fraction, bpe_tok)
+    if kind == 'bpe':
+        info['tokenizer'] = tok_fields
     meta = {'dataset': dataset, **info, 'train_tokens': len(splits['train']), 'val_tokens': len(splits['val']),
             'val_fraction': cfg.val_fraction, 'source': source, 'sha256': expect['sha256'],
             'prepare_version': PREPARE_VERSION}
     # everything goes to temporary names first; the old meta.json is removed before the renames and the new
     # one comes last, so out_dir always holds either a complete dataset or no meta.json at all
     os.makedirs(cfg.out_dir, exist_ok=True)
-    names = ('train.bin', 'val.bin', 'meta.json')
+    names = ('train.bin', 'val.bin') + ((TOKENIZER_FILE,) if model_text else ()) + ('meta.json',)
     tmp = {name: os.path.join(cfg.out_dir, name + '.tmp') for name in names}
     try:
         save_split(splits['train'], tmp['train.bin'])
         save_split(splits['val'], tmp['val.bin'])
+        if model_text:
+            with open(tmp[TOKENIZER_FILE], 'wb') as f:
+                f.write(model_text.encode('utf-8'))  # the same bytes as tokenizer_path: the same sha256
         with open(tmp['meta.json'], 'w') as f:
             f.write(meta_json(meta))
-        if os.path.exists(os.path.join(cfg.out_dir, 'meta.json')):
-            os.remove(os.path.join(cfg.out_dir, 'meta.json'))
+        for name in ('meta.json',) + (() if model_text else (TOKENIZER_FILE,)):  # and a stale tokenizer
+            if os.path.exists(os.path.join(cfg.out_dir, name)):
+                os.remove(os.path.join(cfg.out_dir, name))
         for name in names:
             os.replace(tmp[name], os.path.join(cfg.out_dir, name))
     finally:
@@ -639,6 +740,8 @@ def ordinary_encoder(tokenizer):
     """encode(str) -> token ids for a meta['tokenizer'] dict, with special tokens' text read as plain text."""
     if tokenizer.get('kind') == 'tiktoken':
         return tiktoken_encoding(tokenizer['name']).encode_ordinary
+    if tokenizer.get('kind') == 'bpe' and 'model' in tokenizer:
+        return bpe_from_text(tokenizer['model'], 'the bpe tokenizer in meta').to_tiktoken().encode_ordinary
     raise UserError(f"the streaming datasets cannot use tokenizer {tokenizer!r}")
 
 
@@ -767,8 +870,8 @@ class TokenWriter:
 
 
 def write_atomic(path, text):
-    with open(path + '.tmp', 'w') as f:
-        f.write(text)
+    with open(path + '.tmp', 'wb') as f:
+        f.write(text.encode('utf-8'))
     os.replace(path + '.tmp', path)
 
 
@@ -852,6 +955,10 @@ def stream_already_prepared(out_dir, run):
         itemsize = np.dtype(meta['dtype']).itemsize
         if any(os.path.getsize(os.path.join(out_dir, name)) != n * itemsize for name, n in files):
             return None
+        if meta['tokenizer']['kind'] == 'bpe':
+            with open(os.path.join(out_dir, meta['tokenizer']['file']), 'rb') as f:
+                if hashlib.sha256(f.read()).hexdigest() != meta['tokenizer']['sha256']:
+                    return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if all(meta.get(k) == v for k, v in run.items()) else None
@@ -865,20 +972,27 @@ def prepare_stream(cfg):
     if max_tokens and max_tokens <= val_tokens:
         raise UserError(f"max_tokens ({max_tokens:,}) must be more than val_tokens ({val_tokens:,})")
     if cfg.tokenizer == 'char':
-        raise UserError("the streaming datasets need a fixed vocabulary: use --tokenizer=gpt2 (the default)")
+        raise UserError("the streaming datasets need a fixed vocabulary: use --tokenizer=gpt2 (the default) or "
+                        "--tokenizer=bpe --tokenizer_path=FILE")
     if cfg.num_proc < 0:
         raise UserError(f"num_proc must be 0 (one per CPU core) or more, not {cfg.num_proc}")
     num_proc = cfg.num_proc or os.cpu_count() or 1
     sources, source = stream_sources(cfg)
     if any(shard_ext(s) == '.parquet' for s in sources):
         parquet_module(f"{cfg.dataset}'s shards")  # fail before any download
-    tokenizer = {'kind': 'tiktoken', 'name': 'gpt2'}
-    enc = tiktoken_encoding(tokenizer['name'])
-    dtype = np.dtype(np.uint16 if enc.n_vocab <= 65536 else np.uint32)
+    if cfg.tokenizer == 'bpe':
+        bpe_tok, model_text, tokenizer = bpe_for(cfg, cfg.dataset, [])
+        n_vocab, eot = bpe_tok.vocab_size, bpe_tok.eot_token
+        worker_tokenizer = {**tokenizer, 'model': model_text}  # the workers build their encoder from the text
+    else:
+        tokenizer = worker_tokenizer = {'kind': 'tiktoken', 'name': 'gpt2'}
+        enc = tiktoken_encoding(tokenizer['name'])
+        n_vocab, eot, model_text = enc.n_vocab, enc.eot_token, None
+    dtype = np.dtype(np.uint16 if n_vocab <= 65536 else np.uint32)
     settings = {'sources_sha256': hashlib.sha256('\n'.join(sources).encode()).hexdigest(), 'val_tokens': val_tokens,
                 'shard_tokens': shard_tokens, 'max_tokens': max_tokens, 'min_chars': cfg.min_chars}
-    run = {'dataset': cfg.dataset, 'vocab_size': enc.n_vocab, 'dtype': dtype.name, 'tokenizer': tokenizer,
-           'eot_token': enc.eot_token, 'source': source, 'settings': settings, 'prepare_version': PREPARE_VERSION}
+    run = {'dataset': cfg.dataset, 'vocab_size': n_vocab, 'dtype': dtype.name, 'tokenizer': tokenizer,
+           'eot_token': eot, 'source': source, 'settings': settings, 'prepare_version': PREPARE_VERSION}
     old = stream_already_prepared(cfg.out_dir, run)
     if old:
         print(f"already prepared: {cfg.out_dir} holds {cfg.dataset}, {old['train_tokens']:,} train tokens in "
@@ -886,12 +1000,12 @@ def prepare_stream(cfg):
         return old
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    writer = TokenWriter(cfg.out_dir, dtype, enc.eot_token, val_tokens, shard_tokens, max_tokens)
+    writer = TokenWriter(cfg.out_dir, dtype, eot, val_tokens, shard_tokens, max_tokens)
     docs, hashes, done = resume_stream(cfg.out_dir, run, writer)
     if done:
         print(f"resuming: {done} of {len(sources)} source shards were done, {writer.total():,} tokens written")
-    init_worker(tokenizer, cfg.min_chars)  # num_proc=1 tokenizes in this process
-    pool = multiprocessing.Pool(num_proc, init_worker, (tokenizer, cfg.min_chars)) if num_proc > 1 else None
+    init_worker(worker_tokenizer, cfg.min_chars)  # num_proc=1 tokenizes in this process
+    pool = multiprocessing.Pool(num_proc, init_worker, (worker_tokenizer, cfg.min_chars)) if num_proc > 1 else None
     start, text_bytes, full, i = time.time(), 0, False, done - 1
     bar = tqdm(total=max_tokens or None, initial=writer.total(), unit='tok', unit_scale=True, desc='tokens',
                disable=None)
@@ -924,13 +1038,15 @@ def prepare_stream(cfg):
                 train_shards=[{'file': name, 'tokens': n} for name, n, _ in writer.files() if name != 'val.bin'],
                 documents=docs, source=source, source_shards_read=i + 1, settings=settings,
                 prepare_version=PREPARE_VERSION)
+    if model_text:
+        write_atomic(os.path.join(cfg.out_dir, TOKENIZER_FILE), model_text)
     write_atomic(os.path.join(cfg.out_dir, 'meta.json'), meta_json(meta))
     for name in (STATE, HASHES):
         with contextlib.suppress(FileNotFoundError):  # none if it stopped in the first source shard
             os.remove(os.path.join(cfg.out_dir, name))
     if full and is_url(sources[i]) and not cfg.keep_downloads:
         os.remove(path)  # the shard it stopped in
-    print(f"wrote {cfg.out_dir}: {cfg.dataset}, gpt2 tokenizer, {meta['val_tokens']:,} val and "
+    print(f"wrote {cfg.out_dir}: {cfg.dataset}, {tokenizer.get('name')} tokenizer, {meta['val_tokens']:,} val and "
           f"{meta['train_tokens']:,} train tokens in {len(meta['train_shards'])} shards ({meta['dtype']})\n"
           f"documents: {', '.join(f'{v:,} {k}' for k, v in docs.items())}; tokenized {text_bytes / 1e6:,.1f} MB "
           f"of text in {seconds:.1f} s ({text_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s, {num_proc} processes)")

@@ -19,6 +19,7 @@ Other scripts import from here: UserError, parse_config, the device/dtype helper
 import ast
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -222,6 +223,17 @@ def load_data(data_dir):
         raise UserError(f"no prepared data in '{data_dir}' (meta.json missing): run `{cmd}` first")
     with open(meta_path) as f:
         meta = json.load(f)
+    tok = meta.get('tokenizer') or {}
+    if tok.get('kind') == 'bpe':  # the model file goes into meta, and so into every checkpoint: self-contained
+        path = os.path.join(data_dir, tok['file'])
+        try:
+            with open(path, 'rb') as f:
+                raw = f.read()
+        except OSError:
+            raise UserError(f"'{path}' (the bpe tokenizer) is missing: re-run prepare.py for {data_dir}") from None
+        if hashlib.sha256(raw).hexdigest() != tok['sha256']:
+            raise UserError(f"'{path}' is not the tokenizer the data was made with: re-run prepare.py for {data_dir}")
+        meta['tokenizer'] = {**tok, 'model': raw.decode('utf-8')}
     files = {'train': [s['file'] for s in meta['train_shards']] if 'train_shards' in meta else ['train.bin'],
              'val': ['val.bin']}
     data = {}

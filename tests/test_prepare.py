@@ -149,7 +149,7 @@ def test_pydocs_is_offline_deterministic_and_large(tmp_path):
     ({}, ['--input={}/*.nothing'], 'no files match'),
     ({'tiny.txt': 'abc'}, ['--input={}/tiny.txt'], 'the val split would have 1 tokens'),
     ({'t.txt': 'x' * 100}, ['--input={}/t.txt', '--val_fraction=0.0'], 'val_fraction must be between 0 and 1'),
-    ({'t.txt': 'x' * 100}, ['--input={}/t.txt', '--tokenizer=bpe'], 'tokenizer must be char or gpt2'),
+    ({'t.txt': 'x' * 100}, ['--input={}/t.txt', '--tokenizer=wordpiece'], 'tokenizer must be char, gpt2 or bpe'),
     ({}, [], '--dataset=text needs --input'),
 ])
 def test_text_errors(tmp_path, files, args, message):
