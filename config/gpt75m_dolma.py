@@ -1,6 +1,10 @@
-# The project's headline run: a ~75M-parameter GPT trained on 5B tokens of Dolma with our own 32k BPE.
-# Check the shape now:  python train.py config/gpt75m_dolma.py --dry_run=True
-# Train:                python train.py config/gpt75m_dolma.py   (or under torchrun)
+# The project's headline run: a GPT of ~70M parameters (10 x 640, tied 32k embeddings) trained on 5B tokens of
+# Dolma with our own 32k BPE.
+#   python bpe.py --input=some_dolma_text.jsonl --vocab_size=32000 --out=tok.model
+#   python prepare.py --dataset=dolma --tokenizer=bpe --tokenizer_path=tok.model --max_tokens=5.1e9 --num_proc=16 --out_dir=data/dolma
+#   python train.py config/gpt75m_dolma.py --dry_run=True       # shape, token budget, memory estimate
+#   torchrun --standalone --nproc_per_node=4 train.py config/gpt75m_dolma.py
+# (gradient_accumulation_steps is global: with 8 processes set --gradient_accumulation_steps=8 or more)
 out_dir = 'out-gpt75m-dolma'
 data_dir = 'data/dolma'
 model_type = 'gpt'
