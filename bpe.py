@@ -5,7 +5,7 @@ Byte-level BPE: train your own tokenizer fast, encode it in readable pure Python
     python bpe.py --model=tok.model --encode="Hello world"              # a quick look at the ids
     python bpe.py --model=gpt2 --decode=15496,995                       # gpt2, cl100k_base: tiktoken's files
 
-    import bpe
+After `import bpe` (this file needs only the standard library, regex and tiktoken, so copy it anywhere):
     tok = bpe.train(['input.txt'], vocab_size=32000)   # a str is the text itself, a list holds paths
     ids = tok.encode('hi<|endoftext|>', allowed_special='all')
     enc = tok.to_tiktoken()                             # the same ids, fast: what prepare.py uses
