@@ -111,23 +111,65 @@ class Attention(nn.Module):
         self.proj.residual_scale = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache = None  # a KVCache while generating (setup_cache); a plain attribute, not a buffer
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, pos=None):
         B, T, C = x.size()
         hs = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        if self.n_kv_head != self.n_head:  # each key/value head serves n_head // n_kv_head query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = attention(q, k, v, self.causal, attn_mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if rope is not None:  # cos, sin already taken at these tokens' positions: (T, hs) or (B, 1, T, hs)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if pos is not None:  # decoding: keys and values of earlier positions come from the cache
+            k, v = self.kv_cache.update(pos, k, v)  # (B, nkv, pos + T, hs)
+            y = cached_attention(q, k, v, attn_mask)
+        else:
+            if self.n_kv_head != self.n_head:  # each key/value head serves n_head // n_kv_head query heads
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            y = attention(q, k, v, self.causal, attn_mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+class KVCache:
+    """Keys and values of every position seen so far, preallocated as (B, n_kv_head, max_len, hs) and filled by
+    position, so a decode step computes q, k, v for the one new token and nothing grows or is recomputed."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos, k, v):
+        T = k.size(2)
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+def cached_attention(q, k, v, mask):
+    """q (B, nh, T, hs) against the cache's k, v (B, nkv, L, hs); mask (B|1, 1, T, L) True where a key is
+    visible, or None for all. With grouped-query attention the query heads that share a key/value head are
+    laid side by side as extra rows, so k and v are read as they are instead of being copied n_head/nkv times."""
+    B, nh, T, hs = q.shape
+    g = nh // k.size(1)
+    q = q.reshape(B, k.size(1), g * T, hs)  # head h uses kv head h // g, as repeat_interleave has it
+    if mask is not None and g > 1:
+        mask = mask.repeat(1, 1, g, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, nh, T, hs)
+
+
+def cache_mask(pos, T, pad, device):
+    """(B|1, 1, T, pos + T) attention mask for T new tokens at positions pos.. of left-padded rows: a token sees
+    the keys up to its own position, except padding (pad: (B,) count per row, or None). A padding token sees
+    itself alone, so no row of the softmax is empty (that would put NaN into the cache)."""
+    j = torch.arange(pos + T, device=device)              # key positions
+    i = pos + torch.arange(T, device=device)[:, None]     # query positions, (T, 1)
+    if pad is None:
+        return (j <= i)[None, None]
+    return ((j <= i) & ((j >= pad[:, None, None]) | (j == i)))[:, None]
 
 
 class MLP(nn.Module):
@@ -172,11 +214,11 @@ class Block(nn.Module):
         self.attn = Attention(config, causal=config.model_type != 'bert')
         self.mlp = SwiGLU(config) if llama else MLP(config)
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, pos=None):
         if self.post_ln:  # BERT normalises after each residual add
             x = self.ln_1(x + self.attn(x, attn_mask=attn_mask))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope=rope)
+        x = x + self.attn(self.ln_1(x), rope=rope, attn_mask=attn_mask, pos=pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -211,6 +253,30 @@ def lm_loss(logits, targets):
 # ----------------------------------------------------------------------------------------------------------
 # the three families
 
+def positions(model, idx, pos=None, pad=None):
+    """Positions of the tokens idx (B, T) and their attention mask. Training: 0..T-1 and a plain causal mask
+    (None). Decoding: the tokens sit at pos..pos+T-1 of rows left-padded by pad ((B,) counts, or None), their
+    keys and values go to the KV caches that setup_cache made, and positions count from each row's first token."""
+    T = idx.size(1)
+    start = pos or 0
+    if start + T > model.config.block_size:
+        raise ValueError(f"sequence of length {start + T} is longer than block_size {model.config.block_size}")
+    p = torch.arange(start, start + T, device=idx.device)
+    if pad is not None:
+        p = (p - pad[:, None]).clamp(min=0)  # (B, T)
+    if pos is None or (T == 1 and pad is None):  # one new token sees the whole cache: no mask needed
+        return p, None
+    return p, cache_mask(pos, T, pad, idx.device)
+
+
+def lm_output(model, x, targets, pos):
+    """Logits and loss from the last hidden states; decoding needs the next token's logits only (B, 1, V)."""
+    if pos is not None:
+        x = x[:, -1:]
+    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, vocab_size)
+    return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -228,15 +294,12 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         init_weights(self, config)
 
-    def forward(self, idx, targets=None):
-        B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        x = run_blocks(self, self.transformer.h, x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        return logits, (lm_loss(logits, targets) if targets is not None else None)
+    def forward(self, idx, targets=None, pos=None, pad=None):
+        """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
+        p, mask = positions(self, idx, pos, pad)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(p))  # (B, T, C)
+        x = run_blocks(self, self.transformer.h, x, attn_mask=mask, pos=pos)
+        return lm_output(self, x, targets, pos)
 
 
 class LLaMA(nn.Module):
@@ -260,14 +323,14 @@ class LLaMA(nn.Module):
         self.register_buffer('rope_sin', sin, persistent=False)
         init_weights(self, config)
 
-    def forward(self, idx, targets=None):
-        B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+    def forward(self, idx, targets=None, pos=None, pad=None):
+        """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
+        p, mask = positions(self, idx, pos, pad)
+        cos, sin = self.rope_cos[p], self.rope_sin[p]  # (T, hs), or (B, T, hs) for left-padded rows
+        rope = (cos, sin) if p.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        x = run_blocks(self, self.transformer.h, x, rope=(self.rope_cos, self.rope_sin))
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        return logits, (lm_loss(logits, targets) if targets is not None else None)
+        x = run_blocks(self, self.transformer.h, x, rope=rope, attn_mask=mask, pos=pos)
+        return lm_output(self, x, targets, pos)
 
 
 class BERT(nn.Module):
@@ -363,24 +426,149 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# generation with a KV cache
+
+def setup_cache(model, batch_size, max_len, dtype=None):
+    """Give every attention layer of a gpt/llama model a KV cache for batch_size rows of max_len positions;
+    batch_size=None removes them. dtype defaults to what the layers compute in (autocast's or the weights')."""
+    w = model.transformer.wte.weight
+    if dtype is None:
+        dev = w.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+    hs = model.config.n_embd // model.config.n_head
+    for block in model.transformer.h:
+        block.attn.kv_cache = None if batch_size is None else \
+            KVCache(batch_size, model.config.n_kv_head, max_len, hs, dtype, w.device)
+
+
+def filter_logits(logits, top_k=None, top_p=None, min_p=None):
+    """Set to -inf the logits (B, V) of tokens that may not be sampled: outside the top_k, outside the smallest
+    set whose probability reaches top_p (nucleus), or less likely than min_p times the most likely token."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        # drop a token when the more likely ones before it already reach top_p (the first always stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))
+    if min_p:
+        probs = F.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float('-inf'))
+    return logits
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
+    """Next tokens (B,) from logits (B, V): greedy when temperature is 0, else sampled after the filters."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p, min_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts, device):
+    """A (B, T) tensor of token ids, or a list of B lists of different lengths, as a left-padded (B, T) tensor
+    and the (B,) pad counts (None when all rows are full). Left padding keeps every row's next token in the
+    same column, so a batch decodes in lockstep."""
+    if torch.is_tensor(prompts):
+        seq = prompts.to(device)
+        if seq.dim() != 2 or seq.size(1) == 0:
+            raise ValueError(f"prompts must be a (B, T) tensor with T >= 1, got shape {tuple(seq.shape)}")
+        return seq, None
+    rows = [list(r) for r in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(r) for r in rows)
+    seq = torch.tensor([[0] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    pad = torch.tensor([T - len(r) for r in rows], device=device)
+    return seq, (pad if pad.any() else None)
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
-    """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + max_new_tokens).
-    temperature=0 is greedy. The context is cropped to the last block_size tokens."""
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -model.config.block_size:]
-        logits, _ = model(idx_cond)
-        logits = logits[:, -1, :].float()  # (B, vocab_size)
-        if temperature == 0:
-            idx_next = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
+def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                    repetition_penalty=1.0, eos_id=None, stop=None, decode=None, seed=None):
+    """Yield the new tokens one step at a time: a list with each row's token, None for rows that have finished.
+
+    prompts: (B, T) tensor or B lists of token ids of any lengths. temperature 0 is greedy. repetition_penalty
+    > 1 makes tokens already in a row less likely (logits divided by it when positive, multiplied when
+    negative). A row finishes at a token in eos_id (an int or a list), or when its text, decode(tokens), gains
+    one of the stop strings (the stop string is part of the output; trim the text). seed makes sampling
+    repeatable whatever else uses the global RNG. The prompt and the new tokens share block_size positions:
+    a longer prompt is cut from the left, and when the cache is full the last half of it is computed afresh
+    and decoding goes on from there (the model then sees block_size // 2 tokens of the past)."""
+    if stop and decode is None:
+        raise ValueError("stop strings need decode, the tokenizer's ids -> text function")
+    device = model.transformer.wte.weight.device
+    seq, pad = left_pad(prompts, device)
+    B, V, block = seq.size(0), model.config.vocab_size, model.config.block_size
+    if int(seq.max()) >= V or int(seq.min()) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {V}) for this model")
+    if seq.size(1) >= block:  # keep room for at least one new token
+        cut = seq.size(1) - block + 1
+        seq, pad = seq[:, cut:], (None if pad is None else (pad - cut).clamp(min=0))
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    seen = None
+    if repetition_penalty != 1.0:
+        real = seq if pad is None else seq.masked_fill(torch.arange(seq.size(1), device=device) < pad[:, None], 0)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device).scatter_(1, real, True)
+    done, new, text_len = [False] * B, [[] for _ in range(B)], [0] * B
+    cache_len = min(block, seq.size(1) + max_new_tokens)
+    setup_cache(model, B, cache_len)
+    try:
+        logits = model(seq, pos=0, pad=pad)[0][:, -1].float()  # prefill: the whole prompt in one pass
+        pos = seq.size(1)
+        for step in range(max_new_tokens):
+            if seen is not None:
+                logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty,
+                                                       logits * repetition_penalty), logits)
+            nxt = sample_logits(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+            out = []
+            for b, t in enumerate(nxt.tolist()):
+                if done[b]:
+                    out.append(None)
+                    continue
+                out.append(t)
+                new[b].append(t)
+                done[b] = t in eos
+                if stop:  # look only at the text this token added, plus room for a stop string it completes
+                    text = decode(new[b])
+                    tail = text[max(0, text_len[b] - max(map(len, stop))):]
+                    done[b] = done[b] or any(s in tail for s in stop)
+                    text_len[b] = len(text)
+            yield out
+            if all(done) or step == max_new_tokens - 1:
+                return
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            if pos == cache_len:  # cache full: recompute the last half of the window and go on from there
+                keep = block // 2
+                pad = None if pad is None else (pad - (seq.size(1) - keep)).clamp(min=0)
+                seq = seq[:, -keep:]
+                if pad is not None and not pad.any():
+                    pad = None
+                logits, pos = model(seq, pos=0, pad=pad)[0][:, -1].float(), keep
+            else:
+                logits = model(nxt[:, None], pos=pos, pad=pad)[0][:, -1].float()  # decode: one token per row
+                pos += 1
+    finally:
+        setup_cache(model, None, 0)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, **kwargs):
+    """Append up to max_new_tokens tokens to each prompt, with the options of generate_stream. A (B, T) tensor
+    gives a (B, T + n) tensor as nanoGPT's generate does (rows that finished early are filled with their
+    last token, the EOS); B lists give B lists, each ending at its EOS or stop string."""
+    rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
+        for row, t in zip(rows, step):
+            if t is not None or torch.is_tensor(prompts):
+                row.append(row[-1] if t is None else t)
+    return torch.tensor(rows, dtype=prompts.dtype, device=prompts.device) if torch.is_tensor(prompts) else rows
 
 
 GPT.generate = LLaMA.generate = generate
+GPT.generate_stream = LLaMA.generate_stream = generate_stream
