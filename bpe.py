@@ -11,6 +11,7 @@ After `import bpe` (this file needs only the standard library, regex and tiktoke
     enc = tok.to_tiktoken()                             # the same ids, fast: what prepare.py uses
     tok.save('tok.model'); tok = bpe.Tokenizer.load('tok.model')
     text = tok.dumps(); tok = bpe.Tokenizer.loads(text)  # the same file's text, in memory
+    tok = bpe.Tokenizer.from_hf('SmolLM2-135M/')        # a Hugging Face tokenizer.json: the same ids as its own
 
 Training (train_ranks) is minbpe's algorithm, made fast in two ways. Text is cut into chunks by a regex
 (GPT-2's or GPT-4's split pattern) and each unique chunk is stored once, with its count. And where minbpe
@@ -31,6 +32,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 
 import regex
@@ -49,6 +51,8 @@ PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'cl100k': GP
 ENDOFTEXT = '<|endoftext|>'
 FILE_HEADER = 'bpe.py tokenizer v1'
 NONE = sys.maxsize  # the rank of a byte string that is not a token
+OPTIONAL = {'ignore_merges': False, 'normalizer': None, 'bos_token': None, 'eos_token': ENDOFTEXT,
+            'chat_template': None}  # settings (from a tokenizer.json) that model files hold when not these
 
 
 class BPEError(ValueError):
@@ -299,16 +303,20 @@ def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,)
 # encoding
 
 
-def bpe_merge(piece, ranks):
+def bpe_merge(piece, ranks, merges=None):
     """Ids of one chunk's bytes by tiktoken's rule: merge the adjacent pair whose joined bytes have the lowest
-    rank (leftmost among equals) until no joined pair is a token.
+    rank (leftmost among equals) until no joined pair is a token. Given merges {(left, right): priority}, as
+    in a tokenizer.json, Hugging Face's rule: only the listed pairs merge, the earliest listed first.
 
     >>> bpe_merge(b'aaab', {b'a': 0, b'b': 1, b'aa': 2, b'ab': 3})
     [2, 3]
+    >>> bpe_merge(b'aaab', {b'a': 0, b'b': 1, b'aa': 2, b'ab': 3}, {(b'a', b'b'): 0})
+    [0, 0, 3]
     """
     parts = [piece[i:i + 1] for i in range(len(piece))]
+    rank = (lambda a, b: ranks.get(a + b, NONE)) if merges is None else (lambda a, b: merges.get((a, b), NONE))
     while len(parts) > 1:
-        best, i = min((ranks.get(parts[j] + parts[j + 1], NONE), j) for j in range(len(parts) - 1))
+        best, i = min((rank(parts[j], parts[j + 1]), j) for j in range(len(parts) - 1))
         if best == NONE:  # no joined pair is a token
             break
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
@@ -316,9 +324,11 @@ def bpe_merge(piece, ranks):
 
 
 class Tokenizer:
-    """Byte-level BPE: ranks {token bytes: id}, a split pattern, and special tokens {text: id}."""
+    """Byte-level BPE: ranks {token bytes: id}, a split pattern, and special tokens {text: id}. From a tokenizer.json
+    (from_hf) also merges {(left, right): priority}, merged by instead of ranks, and the settings in OPTIONAL."""
 
-    def __init__(self, ranks, pattern, special_tokens=None, name='bpe'):
+    def __init__(self, ranks, pattern, special_tokens=None, name='bpe', merges=None, ignore_merges=False,
+                 normalizer=None, bos_token=None, eos_token=ENDOFTEXT, chat_template=None):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise BPEError(f"not a byte-level BPE: {len(missing)} of the 256 bytes (e.g. {missing[0]}) have no token")
@@ -330,6 +340,10 @@ class Tokenizer:
             raise BPEError(f"tokenizer {name!r} gives two tokens the same id")
         self.vocab_size = max(self.vocab) + 1
         self.eot_token = self.special_tokens.get(ENDOFTEXT)
+        self.merges, self.ignore_merges, self.normalizer = merges, ignore_merges, normalizer
+        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
+        token_id = lambda t: self.special_tokens.get(t, self.ranks.get(t.encode('utf-8'))) if t else None
+        self.bos_token_id, self.eos_token_id = token_id(bos_token), token_id(eos_token)  # None: none known
         self._split = chunker(pattern)
         self._cache = {}  # chunk -> ids: text repeats its words, so most chunks are merged only once
         self._encoding = None
@@ -342,11 +356,15 @@ class Tokenizer:
         ids, cache, ranks = [], self._cache, self.ranks
         if len(cache) > 200_000:  # bounded memory on long inputs
             cache.clear()
-        for chunk in self._split(valid_text(text)):
+        text = valid_text(text)
+        if self.normalizer:  # e.g. Qwen2's NFC: an accent typed as its own character gives the same ids
+            text = unicodedata.normalize(self.normalizer, text)
+        merges, whole = self.merges, self.merges is None or self.ignore_merges  # tiktoken looks a chunk up whole
+        for chunk in self._split(text):
             got = cache.get(chunk)
             if got is None:
                 piece = chunk.encode('utf-8')
-                got = cache[chunk] = [ranks[piece]] if piece in ranks else bpe_merge(piece, ranks)
+                got = cache[chunk] = [ranks[piece]] if whole and piece in ranks else bpe_merge(piece, ranks, merges)
             ids += got
         return ids
 
@@ -388,8 +406,11 @@ class Tokenizer:
 
     def dumps(self):
         """The readable model file's text: a header, then one line per token in id (= merge) order, as the
-        id and the token as a JSON string (or, when its bytes are not UTF-8, a JSON list of byte values)."""
+        id and the token as a JSON string (or, when its bytes are not UTF-8, a JSON list of byte values).
+        From a tokenizer.json, its settings (OPTIONAL) and merges too: 'merge left_id right_id', in its order."""
         lines = [FILE_HEADER, f'name {json.dumps(self.name)}', f'pattern {json.dumps(self.pattern)}']
+        lines += [f'{key} {json.dumps(getattr(self, key))}' for key, default in OPTIONAL.items()
+                  if getattr(self, key) != default]
         lines += [f'special {i} {json.dumps(t)}' for t, i in self.special_tokens.items()]
         for token, i in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             try:
@@ -397,6 +418,8 @@ class Tokenizer:
             except UnicodeDecodeError:
                 shown = json.dumps(list(token))
             lines.append(f'{i} {shown}')
+        if self.merges:
+            lines += [f'merge {self.ranks[a]} {self.ranks[b]}' for a, b in sorted(self.merges, key=self.merges.get)]
         return '\n'.join(lines) + '\n'
 
     def save(self, path):
@@ -422,7 +445,7 @@ class Tokenizer:
     @classmethod
     def loads(cls, text, where='the tokenizer text'):
         """The Tokenizer whose dumps() is text; where names it in error messages."""
-        fields, specials, ranks = {}, {}, {}
+        fields, specials, ranks, merges = {}, {}, {}, []
         lines = text.split('\n')
         if lines[0] != FILE_HEADER:
             raise BPEError(f"{where} is not a bpe.py tokenizer file (its first line is not {FILE_HEADER!r})")
@@ -434,6 +457,9 @@ class Tokenizer:
                 if key.isdigit():
                     token = json.loads(value)
                     ranks[token.encode('utf-8') if isinstance(token, str) else bytes(token)] = int(key)
+                elif key == 'merge':
+                    a, b = value.split(' ')
+                    merges.append((int(a), int(b)))
                 elif key == 'special':
                     i, _, name = value.partition(' ')
                     specials[json.loads(name)] = int(i)
@@ -443,11 +469,21 @@ class Tokenizer:
                 raise BPEError(f"{where}:{n} is damaged: {line[:80]!r}") from None
         if 'pattern' not in fields:
             raise BPEError(f"{where} has no pattern line")
-        return cls(ranks, fields['pattern'], specials, fields.get('name', 'bpe'))
+        tokens = {i: t for t, i in ranks.items()}
+        if missing := next((i for pair in merges for i in pair if i not in tokens), None):
+            raise BPEError(f"{where} is damaged: a merge names token {missing}, which it does not have")
+        merges = {(tokens[a], tokens[b]): n for n, (a, b) in enumerate(merges)}
+        return cls(ranks, fields['pattern'], specials, fields.get('name', 'bpe'), merges or None,
+                   **{key: fields[key] for key in OPTIONAL if key in fields})
 
     def to_tiktoken(self):
-        """A tiktoken.Encoding with identical ids (built once, then reused)."""
+        """A tiktoken.Encoding with identical ids (built once, then reused). It merges by id, so from a tokenizer.json
+        only if its ids follow its merges (GPT-2, Llama 3, Qwen2, SmolLM do). It does not normalize (Qwen2: NFC)."""
         if self._encoding is None:
+            order = sorted(self.merges or (), key=lambda pair: self.merges[pair])  # HF's merges, in priority order
+            if any(self.ranks[a + b] > self.ranks[c + d] for (a, b), (c, d) in zip(order, order[1:])):
+                raise BPEError(f"tokenizer {self.name!r} numbers its tokens out of merge order, which tiktoken "
+                               f"cannot follow (it merges by id): use encode() instead")
             import tiktoken
             self._encoding = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
                                                special_tokens=self.special_tokens)
@@ -458,6 +494,14 @@ class Tokenizer:
         with open(path, 'w', encoding='ascii') as f:
             for token, i in sorted(self.ranks.items(), key=lambda kv: kv[1]):
                 f.write(f'{base64.b64encode(token).decode()} {i}\n')
+
+    @classmethod
+    def from_hf(cls, path):
+        """A Tokenizer from a Hugging Face tokenizer.json of byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM), the
+        file or its folder: the ids of the `tokenizers` library's encode(text, add_special_tokens=False), its
+        added tokens (special or not) our special tokens. tokenizer_config.json beside it names bos and eos and
+        has the chat_template (the Jinja text, not run). Other tokenizers raise a BPEError that says why."""
+        return cls(**hf_settings(os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else os.fspath(path)))
 
     @classmethod
     def from_tiktoken(cls, name_or_encoding):
@@ -475,6 +519,112 @@ class Tokenizer:
                                f"to a folder of its files") from None
         # tiktoken has no public accessor for these; the attribute names have been stable since its release
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM), read into the pieces above
+
+SENTENCEPIECE = 'SentencePiece, e.g. Llama 2 / TinyLlama / Mistral'
+HINTS = {'Metaspace': SENTENCEPIECE, 'byte_fallback': SENTENCEPIECE, 'Unigram': 'SentencePiece, e.g. T5 / ALBERT',
+         'WordPiece': 'e.g. BERT'}  # the models users know these by
+# SmolLM's Digits(individual_digits) then GPT-2's regex, as one regex: each digit is a chunk, and the regex
+# sees the text before a digit as ending there (`(?!\S)` becomes "followed by a space, a digit or the end")
+GPT2_DIGITS_PATTERN = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++(?=\p{N}|$)"""
+                       r"""|\s+(?![^\s\p{N}])|\s""")
+
+
+def unsupported(what):
+    hint = next((f' ({h})' for key, h in HINTS.items() if key in what), '')
+    return BPEError(f"tokenizer.json uses {what}{hint}, which bpe.py does not support; byte-level BPE models "
+                    f"(GPT-2, Llama 3, Qwen2, SmolLM) load")
+
+
+def byte_chars():
+    """{character: byte}: the printable stand-ins that GPT-2's byte-level BPE writes tokens in ('Ġ' is a space)."""
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]  # printable: themselves
+    hidden = [b for b in range(256) if b not in shown]              # the rest: characters 256, 257, ...
+    return {chr(c): b for b, c in zip(shown + hidden, shown + list(range(256, 256 + len(hidden))))}
+
+
+def isolated(pattern):
+    """pattern, plus the text between its matches as chunks too: HF's Split(behavior='Isolated') keeps that
+    text, where tiktoken drops it (patterns that match every character, like Llama 3's, leave none)."""
+    return f'(?:{pattern})|(?s:.)+?(?=(?:{pattern})|(?!(?s:.)))'
+
+
+def hf_pattern(spec):
+    """The one split regex that does what a tokenizer.json's pre_tokenizer does, or BPEError. Byte-level BPE
+    ends in ByteLevel (which splits by GPT-2's regex unless use_regex is false); before it may come a Split
+    regex (Llama 3, Qwen2) or Digits (SmolLM)."""
+    parts, regexes = spec.get('pretokenizers', [spec]) if spec else [], []
+    for part in parts:
+        kind, pattern = part.get('type'), part.get('pattern') or {}
+        if kind == 'ByteLevel' and part.get('add_prefix_space'):
+            raise unsupported("ByteLevel with add_prefix_space (a space put before the text)")
+        elif kind == 'ByteLevel' and part.get('use_regex', True):
+            regexes.append(GPT2_SPLIT_PATTERN)  # tiktoken's form of HF's regex: the same chunks
+        elif kind == 'Split' and part.get('behavior') == 'Isolated' and not part.get('invert'):
+            regexes.append(isolated(pattern['Regex'] if 'Regex' in pattern else regex.escape(pattern.get('String'))))
+        elif kind == 'Digits':
+            regexes.append(isolated(r'\p{N}' if part.get('individual_digits') else r'\p{N}+'))
+        elif kind != 'ByteLevel':
+            raise unsupported(f"the {kind} pre-tokenizer" + (f" {json.dumps(part)}" if kind == 'Split' else ''))
+    kinds = [part.get('type') for part in parts]
+    if kinds[-1:] != ['ByteLevel'] or kinds.count('ByteLevel') > 1:
+        raise unsupported(f"the pre-tokenizer {'+'.join(map(str, kinds)) or 'null'}, not ending in ByteLevel")
+    if regexes == [isolated(r'\p{N}'), GPT2_SPLIT_PATTERN]:
+        return GPT2_DIGITS_PATTERN
+    if len(regexes) > 1:
+        raise unsupported(f"the pre-tokenizers {' then '.join(kinds)}, which bpe.py cannot write as one regex")
+    return regexes[0] if regexes else r'(?s).+'
+
+
+def read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except ValueError as e:
+        raise BPEError(f"{path} is not JSON ({e})") from None
+
+
+def hf_settings(file):
+    """Tokenizer(...)'s arguments from a tokenizer.json file and the tokenizer_config.json beside it."""
+    if not os.path.isfile(file):
+        raise BPEError(f"{file} not found (from_hf takes a tokenizer.json file or the folder that holds it)")
+    hf, folder = read_json(file), os.path.dirname(file)
+    model, config = hf.get('model') or {}, os.path.join(folder, 'tokenizer_config.json')
+    config = read_json(config) if os.path.isfile(config) else {}
+    if model.get('type', 'BPE') != 'BPE':
+        raise unsupported(f"the {model['type']} model")
+    if bad := [k for k in ('byte_fallback', 'continuing_subword_prefix', 'end_of_word_suffix', 'dropout')
+               if model.get(k)]:
+        raise unsupported(f"{bad[0]}={model[bad[0]]!r}")
+    normalizer = hf.get('normalizer') or {}  # none, one, or a Sequence of them
+    normalizers = [n.get('type') for n in normalizer.get('normalizers', [normalizer]) if n]
+    if normalizers not in ([], ['NFC'], ['NFD'], ['NFKC'], ['NFKD']):  # these unicodedata does exactly
+        raise unsupported(f"the normalizer {'+'.join(map(str, normalizers))}")
+    pattern = hf_pattern(hf.get('pre_tokenizer'))
+    if (hf.get('decoder') or {}).get('type') != 'ByteLevel':
+        raise unsupported(f"the {(hf.get('decoder') or {}).get('type')} decoder")
+    added = hf.get('added_tokens') or []
+    if strip := [t['content'] for t in added if t.get('lstrip') or t.get('rstrip') or t.get('single_word')]:
+        raise unsupported(f"the added token {strip[0]!r} with lstrip, rstrip or single_word")
+    added, chars = {t['content']: t['id'] for t in added}, byte_chars()
+    try:  # tokens are written in GPT-2's byte characters; added tokens are plain text, with their own ids
+        ranks = {bytes(chars[c] for c in t): i for t, i in (model.get('vocab') or {}).items() if t not in added}
+        pairs = [m.split(' ') if isinstance(m, str) else m for m in model.get('merges') or []]
+        merges = {(bytes(chars[c] for c in a), bytes(chars[c] for c in b)): n for n, (a, b) in enumerate(pairs)}
+    except KeyError as e:
+        raise BPEError(f"{file} is not byte-level BPE: a token has the character {e.args[0]!r}") from None
+    except ValueError:
+        raise BPEError(f"{file} has a merge that is not two tokens") from None
+    name = lambda t: t.get('content') if isinstance(t, dict) else t  # "<s>" or {"content": "<s>", ...}
+    template = config.get('chat_template')
+    if isinstance(template, list):  # older files: named templates
+        template = {t.get('name'): t.get('template') for t in template}.get('default')
+    return dict(ranks=ranks, pattern=pattern, special_tokens=added, merges=merges, normalizer=normalizers[0] if
+                normalizers else None, ignore_merges=bool(model.get('ignore_merges')), chat_template=template,
+                bos_token=name(config.get('bos_token')), eos_token=name(config.get('eos_token', ENDOFTEXT)),
+                name=os.path.basename(os.path.abspath(folder)) or 'hf')
 
 # ----------------------------------------------------------------------------------------------------------
 # command line: --key=value, as the rest of the repo, but parsed here so that this file stands alone
