@@ -34,6 +34,7 @@ class ModelConfig:
     bias: bool = True            # biases in linears and LayerNorms (gpt, bert); llama has none
     qkv_bias: bool = False       # llama only: Qwen2-style biases on q/k/v
     rope_theta: float = 10000.0  # llama: RoPE base
+    rope_scaling: dict = None    # llama: {'rope_type': 'linear' | 'llama3', 'factor': ...} as in HF configs
     norm_eps: float = 1e-5       # LayerNorm/RMSNorm epsilon (GPT-2 1e-5, LLaMA 1e-5/1e-6, BERT 1e-12)
     tie_embeddings: bool = True  # share token embedding and output head (always true for gpt and bert)
     type_vocab_size: int = 2     # bert: token-type (segment) embeddings
@@ -64,9 +65,18 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------------------
 # building blocks shared by the three families
 
-def rope_cache(block_size, head_dim, theta, device=None):
-    """cos, sin tables of shape (block_size, head_dim) in the rotate-half layout that LLaMA checkpoints use."""
+def rope_cache(block_size, head_dim, theta, device=None, scaling=None):
+    """cos, sin tables of shape (block_size, head_dim) in the rotate-half layout that LLaMA checkpoints use. scaling
+    (ModelConfig.rope_scaling) stretches the trained context: 'linear' slows every frequency by its factor, 'llama3'
+    (Llama 3.1/3.2) only those too slow to turn often within the original context, keeping the fast ones."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling:
+        if scaling['rope_type'] not in ('linear', 'llama3'):
+            raise ValueError(f"rope scaling {scaling['rope_type']!r} is not supported (linear, llama3)")
+        turns = scaling.get('original_max_position_embeddings', 0) * inv_freq / (2 * math.pi)  # in the old context
+        lo, hi = scaling.get('low_freq_factor', 1), scaling.get('high_freq_factor', 4)
+        keep = ((turns - lo) / (hi - lo)).clamp(0, 1) if scaling['rope_type'] == 'llama3' else 0.0  # 0..1 blend
+        inv_freq = (1 - keep) * inv_freq / scaling['factor'] + keep * inv_freq
     freqs = torch.outer(torch.arange(block_size, device=device).float(), inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)                                             # (T, hs)
     return emb.cos(), emb.sin()
@@ -317,7 +327,8 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+        cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta,
+                              scaling=config.rope_scaling)
         # not persistent: derived from the config, so checkpoints stay free of them
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
@@ -572,3 +583,316 @@ def generate(model, prompts, max_new_tokens, **kwargs):
 
 GPT.generate = LLaMA.generate = generate
 GPT.generate_stream = LLaMA.generate_stream = generate_stream
+
+
+# ---- Hugging Face checkpoints in and out
+# (config.json + safetensors as on the Hub; stdlib here, requests and tqdm only imported inside the download)
+import contextlib, ctypes, functools, json, mmap, os, pathlib, re, struct  # noqa: E401,E402 (kept beside their users)
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+              'BOOL': torch.bool}
+
+
+class PretrainedError(Exception):
+    """A checkpoint that cannot be read, fetched or mapped onto our models; the message says what to do."""
+
+
+def load_safetensors(path):
+    """{name: tensor} from a .safetensors file (8-byte little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}, '__metadata__'}, raw bytes) as copy-on-write views of the mmapped file: nothing is copied."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        n = struct.unpack('<Q', f.read(8).ljust(8, b'\0'))[0]  # a file under 8 bytes fails the check below
+        if 8 + n > size:
+            raise PretrainedError(f"{path}: truncated or not safetensors: a {n}-byte header in a {size}-byte file")
+        try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors; anything but an object has no .pop
+            header = json.loads(f.read(n))
+            header.pop('__metadata__', None)
+        except (ValueError, AttributeError):
+            raise PretrainedError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, so torch.frombuffer does not warn
+    out, start = {}, 8 + n
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+        except (KeyError, TypeError, ValueError):
+            raise PretrainedError(f"{path}: tensor {name} has an unknown dtype or a corrupt entry: {info}") from None
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise PretrainedError(f"{path}: tensor {name} {info['dtype']}{shape} needs {numel * dtype.itemsize} "
+                                  f"bytes but its data_offsets span {end - begin}")
+        if start + end > size:
+            raise PretrainedError(f"{path}: truncated: tensor {name} ends at byte {start + end} of a {size}-byte file")
+        out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + begin).view(shape) if numel \
+            else torch.empty(shape, dtype=dtype)
+    return out
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as safetensors (see load_safetensors); metadata: {str: str}. Written to path.tmp and
+    renamed when complete, so a crash never leaves half a file under the real name."""
+    codes = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {'__metadata__': {str(k): str(v) for k, v in metadata.items()}} if metadata else {}, 0
+    # widest dtypes first, as the reference writer does: then every tensor starts aligned to its element size
+    order = sorted(tensors, key=lambda k: (-tensors[k].itemsize, k))
+    items = [(k, tensors[k].detach().cpu().contiguous()) for k in order]
+    for name, t in items:
+        if t.dtype not in codes:
+            raise PretrainedError(f"{name}: dtype {t.dtype} has no safetensors code")
+        header[name] = {'dtype': codes[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(',', ':')).encode()
+    raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path + '.tmp', 'wb') as f:
+        f.write(struct.pack('<Q', len(raw)) + raw)
+        for _, t in items:
+            f.write(ctypes.string_at(t.data_ptr(), t.nbytes))
+    os.replace(path + '.tmp', path)
+
+
+def _shards(folder):
+    return sorted(set(json.loads(pathlib.Path(folder, 'model.safetensors.index.json').read_text())['weight_map']
+                      .values()))
+
+
+def load_pretrained_state(folder):
+    """The tensors of a Hugging Face model folder: model.safetensors, or the shards that
+    model.safetensors.index.json lists, or pytorch_model.bin (read weights-only: unpickling could run code)."""
+    path = lambda name: os.path.join(folder, name)
+    if os.path.exists(path('model.safetensors')):
+        return load_safetensors(path('model.safetensors'))
+    if os.path.exists(path('model.safetensors.index.json')):
+        if missing := [s for s in _shards(folder) if not os.path.exists(path(s))]:
+            raise PretrainedError(f"{folder}: shards that model.safetensors.index.json lists are missing: {missing}")
+        return {k: v for s in _shards(folder) for k, v in load_safetensors(path(s)).items()}
+    if os.path.exists(path('pytorch_model.bin')):
+        return torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
+    raise PretrainedError(f"{folder}: no weights: expected model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+
+def _fetch(session, url, dest, optional=False):
+    """url into dest via dest.incomplete, resumed by Range requests; False if optional and the server says 404."""
+    import requests, urllib3  # noqa: E401
+    try:
+        from tqdm import tqdm
+        progress = lambda f, **kw: tqdm.wrapattr(f, 'write', unit='B', unit_scale=True, leave=False, **kw)
+    except ImportError:
+        progress = lambda f, **kw: contextlib.nullcontext(f)
+    tmp, total, size = dest + '.incomplete', None, 0
+    for _ in range(5):  # a dropped connection is retried from where it broke off
+        have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        try:
+            r = session.get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=(10, 60))
+        except requests.ConnectionError:
+            raise PretrainedError(f"cannot reach {url}: offline? download the model folder elsewhere and pass its "
+                                  "path") from None
+        with r:
+            if r.status_code == 404 and optional:
+                return False
+            if r.status_code not in (200, 206):  # (the Hub also answers 401 for a repo that does not exist)
+                why = 'access denied: gated or private model? set HF_TOKEN' if r.status_code in (401, 403) else \
+                    'not found: no such repo, revision or file' if r.status_code == 404 else r.reason
+                raise PretrainedError(f"{url}: HTTP {r.status_code} {why}")
+            have = have if r.status_code == 206 else 0  # 200: the server ignored Range and sends it all
+            length = r.headers.get('Content-Range', '/').split('/')[-1] if have else r.headers.get('Content-Length')
+            total, done = int(length) if length and length.isdigit() else None, False
+            with open(tmp, 'ab' if have else 'wb') as f, progress(f, total=total, initial=have, desc=url) as out:
+                with contextlib.suppress(requests.RequestException, urllib3.exceptions.HTTPError):
+                    while chunk := r.raw.read1(1 << 20):  # what has arrived: a dropped connection loses nothing
+                        out.write(chunk)
+                    done = True
+        size = os.path.getsize(tmp)
+        if size == total or (done and total is None):
+            os.replace(tmp, dest)
+            return True
+    raise PretrainedError(f"download of {url} keeps breaking off ({size} of {total} bytes): run again to resume")
+
+
+def hf_download(repo_id, revision='main', cache_dir=None, endpoint=None):
+    """Folder <cache>/<org>--<name>/<revision>/ with a Hub model's config.json, weights and tokenizer files, resuming
+    interrupted files; once complete it is used without a request. cache: cache_dir, env NANOLLM_CACHE or
+    ~/.cache/nanollm/hub; endpoint: env HF_ENDPOINT or the Hub; env HF_TOKEN is sent as a bearer token."""
+    import requests
+    endpoint = (endpoint or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co').rstrip('/')
+    root = cache_dir or os.environ.get('NANOLLM_CACHE') or os.path.expanduser('~/.cache/nanollm/hub')
+    folder = os.path.join(root, repo_id.replace('/', '--'), revision)
+    if os.path.exists(os.path.join(folder, '.complete')):
+        return folder
+    session, token, url = requests.Session(), os.environ.get('HF_TOKEN'), f"{endpoint}/{repo_id}/resolve/{revision}"
+    session.headers.update({'Accept-Encoding': 'identity', **({'Authorization': f'Bearer {token}'} if token else {})})
+
+    def get(name, optional=False):  # (identity encoding: the bytes on disk must add up to Content-Length)
+        os.makedirs(os.path.dirname(dest := os.path.join(folder, name)), exist_ok=True)  # shards may be in subfolders
+        return os.path.exists(dest) or _fetch(session, f'{url}/{name}', dest, optional)
+    get('config.json')
+    if not get('model.safetensors', optional=True):
+        if get('model.safetensors.index.json', optional=True):
+            for shard in _shards(folder):
+                get(shard)
+        elif not get('pytorch_model.bin', optional=True):
+            raise PretrainedError(f"{repo_id}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'special_tokens_map.json'):
+        get(name, optional=True)
+    open(os.path.join(folder, '.complete'), 'w').close()
+    return folder
+
+
+# our ModelConfig field -> its config.json key, per family (read by from_pretrained, written by save_pretrained)
+_HF_COMMON = dict(n_layer='num_hidden_layers', n_head='num_attention_heads', n_embd='hidden_size',
+                  vocab_size='vocab_size', block_size='max_position_embeddings', intermediate_size='intermediate_size')
+_HF_KEYS = {'gpt': dict(n_layer='n_layer', n_head='n_head', n_embd='n_embd', vocab_size='vocab_size',
+                        block_size='n_positions', intermediate_size='n_inner', norm_eps='layer_norm_epsilon'),
+            'bert': dict(_HF_COMMON, norm_eps='layer_norm_eps', type_vocab_size='type_vocab_size'),
+            'llama': dict(_HF_COMMON, n_kv_head='num_key_value_heads', norm_eps='rms_norm_eps',
+                          tie_embeddings='tie_word_embeddings')}
+_BASE = {'gpt': 'transformer.', 'llama': 'model.', 'bert': 'bert.'}  # HF's base-model prefix; heads sit outside
+_HEADS = ('lm_head.', 'cls.', 'classifier.')
+# in HF checkpoints but not needed: GPT-2's causal-mask buffers, BERT's tied MLM decoder and next-sentence head
+_IGNORED = re.compile(r'(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$|position_ids$|'
+                      r'^cls\.predictions\.decoder\.weight$|^cls\.seq_relationship\.')
+# our key -> HF key (relative to _BASE but for the heads), applied in order; {a,b}: HF tensors stacked row-wise
+_RENAMES = {'gpt': [(r'^transformer\.', ''), (r'\.qkv\.', '.c_attn.'), (r'\.(proj|fc)\.', r'.c_\1.')],
+            'llama': [(r'^transformer\.wte', 'embed_tokens'), (r'^transformer\.ln_f', 'norm'),
+                      (r'^transformer\.h\.', 'layers.'), (r'ln_1', 'input_layernorm'),
+                      (r'ln_2', 'post_attention_layernorm'), (r'attn\.qkv', 'self_attn.{q,k,v}_proj'),
+                      (r'attn\.proj', 'self_attn.o_proj'), (r'mlp\.gate_up', 'mlp.{gate,up}_proj'),
+                      (r'mlp\.proj', 'mlp.down_proj')],
+            'bert': [(r'^embeddings\.wte', 'embeddings.word_embeddings'), (r'^h\.', 'encoder.layer.'),
+                     (r'^embeddings\.wpe', 'embeddings.position_embeddings'), (r'^pooler', 'pooler.dense'),
+                     (r'^embeddings\.wtt', 'embeddings.token_type_embeddings'), (r'^mlm_bias', 'cls.predictions.bias'),
+                     (r'attn\.qkv', 'attention.self.{query,key,value}'), (r'attn\.proj', 'attention.output.dense'),
+                     (r'ln_1', 'attention.output.LayerNorm'), (r'mlp\.fc', 'intermediate.dense'),
+                     (r'mlp\.proj', 'output.dense'), (r'ln_2', 'output.LayerNorm'),
+                     (r'^mlm_(dense|ln)', r'cls.predictions.transform.\1'), (r'\.ln\.', '.LayerNorm.')]}
+
+
+def _config_from_hf(hf, state, block_size):
+    """Our ModelConfig from config.json and the tensors, or a PretrainedError naming what we do not support."""
+    kind = hf.get('model_type')
+    ours = {'gpt2': 'gpt', 'bert': 'bert', 'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama'}.get(kind) or \
+        ('llama' if any(k.endswith('mlp.gate_proj.weight') for k in state) else None)  # LlamaForCausalLM-like
+    if ours is None:
+        raise PretrainedError(f"model_type {kind!r} is not supported: gpt2, bert, llama, mistral, qwen2 or other "
+                              "LlamaForCausalLM-like weights")
+    args = {k: hf[h] for k, h in _HF_KEYS[ours].items() if hf.get(h) is not None}
+    trained, act, gpt_act = args['block_size'], hf.get('hidden_act'), hf.get('activation_function')
+    if ours == 'gpt':
+        problems = [(gpt_act not in ('gelu_new', 'gelu_pytorch_tanh'), f"activation_function {gpt_act!r}")]
+    elif ours == 'bert':
+        problems = [(act != 'gelu', f"hidden_act {act!r} (only gelu)"),
+                    (hf.get('position_embedding_type', 'absolute') != 'absolute', 'position_embedding_type')]
+        args['num_labels'] = ('classifier.weight' in state) * (len(hf.get('id2label') or {}) or hf.get('num_labels', 2))
+    else:
+        block_size = block_size or min(trained, 8192)  # else a 128k-context model builds 128k-row RoPE tables
+        rope = {**(hf.get('rope_scaling') or {}), **(hf.get('rope_parameters') or {})}  # transformers 4 and 5
+        rope_type, theta = rope.pop('rope_type', rope.pop('type', 'default')), rope.pop('rope_theta', None)
+        head_dim, window = hf.get('head_dim'), hf.get('use_sliding_window', True) and hf.get('sliding_window')
+        problems = [(rope_type not in ('default', 'linear', 'llama3'), f"rope_type {rope_type!r}"),
+                    (head_dim not in (None, args['n_embd'] // args['n_head']), f"head_dim {head_dim} != hidden/heads"),
+                    (act != 'silu', f"hidden_act {act!r} (only silu)"), (hf.get('mlp_bias'), 'mlp_bias'),
+                    (hf.get('attention_bias') and kind != 'qwen2', 'attention_bias (a bias on o_proj)'),
+                    (window and window < block_size, f"sliding_window {window} is shorter than block_size "
+                                                     f"{block_size}: pass block_size <= {window}")]
+        args.update(bias=False, qkv_bias=any(k.endswith('q_proj.bias') for k in state),
+                    rope_theta=theta or hf.get('rope_theta', 10000.0),
+                    rope_scaling=None if rope_type == 'default' else {'rope_type': rope_type, **rope})
+    problems.append((ours != 'llama' and (block_size or 0) > trained, f"block_size beyond its {trained} positions"))
+    for bad, what in problems:
+        if bad:
+            raise PretrainedError(f"unsupported {kind} checkpoint: {what}")
+    return ModelConfig(model_type=ours, **{**args, 'block_size': block_size or trained})
+
+
+def _hf_names(cfg, keys):
+    """(our key, its HF keys, transposed?) for our keys but a tied head; GPT-2's Conv1D weights are (in, out)."""
+    out = []
+    for key in keys:
+        if key == 'lm_head.weight' and cfg.tie_embeddings:
+            continue
+        name = functools.reduce(lambda n, rule: re.sub(*rule, n), _RENAMES[cfg.model_type], key)  # rules in order
+        stack = re.search(r'\{(.*)\}', name)
+        names = [name[:stack.start()] + x + name[stack.end():] for x in stack[1].split(',')] if stack else [name]
+        out.append((key, names, cfg.model_type == 'gpt' and '.h.' in key and key.endswith('weight')))
+    return out
+
+
+def _state_from_hf(state, model):
+    """Our state dict from HF tensors: each of ours must be found (BERT's pooler and MLM head keep their init when
+    absent: BertForMaskedLM has no pooler, BertModel no MLM head), each HF tensor must fit unless _IGNORED."""
+    cfg, ours, base = model.config, model.state_dict(), _BASE[model.config.model_type]
+    sd = {}  # HF names relative to the base model; old names (LayerNorm gamma/beta, decoder.bias) made current
+    for k, v in state.items():
+        k = re.sub(r'LayerNorm\.gamma$', 'LayerNorm.weight', re.sub(r'LayerNorm\.beta$', 'LayerNorm.bias', k))
+        sd[k.removeprefix(base).replace('predictions.decoder.bias', 'predictions.bias')] = v
+    full = lambda n: n if n.startswith(_HEADS) else base + n
+    out, missing = {}, []
+    for key, names, t in _hf_names(cfg, ours):
+        if not all(n in sd for n in names):
+            out[key] = ours[key]
+            missing += [] if key.startswith(('pooler.', 'mlm_')) else [full(n) for n in names if n not in sd]
+            continue
+        v = torch.cat([sd.pop(n) for n in names]) if len(names) > 1 else sd.pop(names[0])
+        v = (v.t() if t else v)[:cfg.block_size if key.endswith('wpe.weight') else None]  # may be a shorter block
+        if v.shape != ours[key].shape:
+            raise PretrainedError(f"{full(names[0])} has shape {tuple(v.shape)}, our {key} {tuple(ours[key].shape)}")
+        out[key] = v
+    extra = [full(k) for k in sd if not _IGNORED.search(k) and not (k == 'lm_head.weight' and cfg.tie_embeddings)]
+    for problem, keys in (('lacks {} tensors the model needs', missing), ('has {} tensors with no place', extra)):
+        if keys:
+            raise PretrainedError(f"checkpoint {problem.format(len(keys))}, e.g. {', '.join(keys[:3])}")
+    if 'lm_head.weight' in ours and cfg.tie_embeddings:
+        out['lm_head.weight'] = out['transformer.wte.weight']
+    return out
+
+
+def pretrained_folder(name_or_path, cache_dir=None):
+    """The local folder of a model folder path, gpt2[-medium|-large|-xl] or (hf:)org/name, downloaded if need be."""
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        short = name_or_path in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+        repo = 'openai-community/' + name_or_path if short else name_or_path.removeprefix('hf:')
+        if repo.count('/') != 1 or name_or_path.startswith(('.', '/', '~')):
+            raise PretrainedError(f"{name_or_path}: not a model folder, gpt2[-medium|-large|-xl] or Hub org/name")
+        folder = hf_download(repo, cache_dir=cache_dir)
+    if not os.path.exists(os.path.join(folder, 'config.json')):
+        raise PretrainedError(f"{folder}: no config.json: not a Hugging Face model folder")
+    return folder
+
+
+def from_pretrained(name_or_path, block_size=None, dtype=None, cache_dir=None):
+    """Our GPT, LLaMA or BERT in eval mode with the weights of name_or_path: a folder with config.json, gpt2[-medium|
+    -large|-xl], or org/name (hf:org/name) on the Hub (see hf_download). block_size: the checkpoint's context,
+    for the LLaMA family capped at 8192 (RoPE tables and KV caches grow with it). dtype: None = float32."""
+    folder = pretrained_folder(name_or_path, cache_dir)
+    hf = json.loads(pathlib.Path(folder, 'config.json').read_text())
+    state = load_pretrained_state(folder)
+    model = build_model(_config_from_hf(hf, state, block_size))
+    model.load_state_dict(_state_from_hf(state, model), strict=True)
+    return model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32).eval()
+
+
+def save_pretrained(model, folder):
+    """Write a gpt or llama model as a Hugging Face folder (config.json, model.safetensors with HF names) that
+    transformers loads with the same logits. A padded vocabulary stays padded; a gpt without biases gets zero ones.
+    A llama with qkv_bias becomes Qwen2, which has exactly q/k/v biases (Llama's attention_bias adds o_proj's)."""
+    cfg, hs, ours, out = model.config, model.config.n_embd // model.config.n_head, model.state_dict(), {}
+    if cfg.model_type == 'bert':
+        raise PretrainedError("save_pretrained writes gpt and llama models; BERT export is not supported")
+    hf = {h: getattr(cfg, k) for k, h in _HF_KEYS[cfg.model_type].items()}
+    hf.update(zip(('architectures', 'model_type'), (['GPT2LMHeadModel'], 'gpt2') if cfg.model_type == 'gpt' else
+                  (['Qwen2ForCausalLM'], 'qwen2') if cfg.qkv_bias else (['LlamaForCausalLM'], 'llama')))
+    hf.update(dict(activation_function='gelu_new', attn_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                   resid_pdrop=cfg.dropout) if cfg.model_type == 'gpt' else
+              dict(head_dim=hs, hidden_act='silu', rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling),
+              torch_dtype=str(model.transformer.wte.weight.dtype).removeprefix('torch.'))
+    if cfg.model_type == 'gpt' and not cfg.bias:  # zero biases for the norms and linears of blocks and ln_f
+        ours.update({k[:-6] + 'bias': v.new_zeros(len(v)) for k, v in list(ours.items()) if '.h.' in k or 'ln_f' in k})
+    for key, names, t in _hf_names(cfg, ours):
+        sizes = [cfg.n_head * hs] + [cfg.n_kv_head * hs] * 2 if len(names) == 3 else len(ours[key]) // len(names)
+        for name, piece in zip(names, ours[key].split(sizes)):
+            out[name if name.startswith(_HEADS) else _BASE[cfg.model_type] + name] = piece.t() if t else piece
+    os.makedirs(folder, exist_ok=True)
+    save_safetensors(out, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(hf, f, indent=2)

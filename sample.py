@@ -1,43 +1,239 @@
 """
-Sample text from a trained checkpoint.
+Generate text, chat and evaluate, from a train.py checkpoint or pretrained Hugging Face weights.
 
-    python sample.py --out_dir=out-shakespeare-char
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
-    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
+    python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --stream=True
+    python sample.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --chat=True
+    python sample.py --init_from=out-x --prompts=prompts.jsonl --output=answers.jsonl
+    python sample.py --init_from=gpt2 --eval_data=wiki.valid.tokens      # perplexity, next-token accuracy
+    python sample.py --init_from=gpt2 --eval_mc=hellaswag_val.jsonl      # multiple-choice accuracy
 
-The tokenizer is the one prepare.py recorded in the checkpoint's meta (char, GPT-2 BPE, ...).
+init_from is a train.py out_dir (ckpt.pt), a Hugging Face model folder (config.json + weights), gpt2 ..
+gpt2-xl, or hf:org/name (downloaded once into a cache). Text goes through the model's own tokenizer: the one
+prepare.py recorded for our checkpoints, tiktoken's GPT-2 encoding for GPT-2, tokenizer.json for the others.
 """
+import json
+import math
 import os
+import sys
 import time
+import unicodedata
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+from torch.nn import functional as F
 
-from prepare import load_tokenizer
-from train import (UserError, autocast, load_checkpoint, model_from_checkpoint, parse_config, resolve_device,
+import bpe
+from model import PretrainedError, from_pretrained, pretrained_folder
+from prepare import bpe_from_text, decode_file, load_tokenizer, tiktoken_encoding, tokenizer_identity
+from train import (UserError, load_checkpoint, load_data, model_from_checkpoint, parse_config, resolve_device,
                    resolve_dtype, run_cli)
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = 'out'             # folder with ckpt.pt, written by train.py
+    init_from: str = 'out'           # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder
     start: str = '\n'                # the prompt, or FILE:path to read it from a file
+    prompts: str = ''                # a file of prompts (.txt: one per line; .jsonl: {"prompt": ...}) -> JSONL
+    output: str = ''                 # where --prompts writes its JSONL; '' = stdout
     num_samples: int = 3
+    batch_size: int = 8              # rows decoded (or evaluated) together
     max_new_tokens: int = 500
     temperature: float = 0.8         # 0 = greedy; < 1 sharper, > 1 more random
     top_k: int = 200                 # keep only the k most likely tokens; 0 = all
+    top_p: float = 1.0               # keep the most likely tokens that together reach this probability
+    min_p: float = 0.0               # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely
+    stop: str = ''                   # end a sample where this text appears (\n works), e.g. --stop='\n\n'
     seed: int = 1337
+    stream: bool = False             # print tokens as they are generated
+    chat: bool = False               # interactive chat with history, in the model's chat template
+    system: str = ''                 # chat: the system prompt
+    eval_data: str = ''              # a text file or a prepare.py folder: perplexity and next-token accuracy
+    eval_split: str = 'val'          # which split of a prepare.py folder
+    eval_mc: str = ''                # JSONL of multiple-choice items (HellaSwag style): accuracy
+    eval_stride: int = 0             # evaluation windows advance by this many tokens; 0 = block_size // 2
+    max_eval_tokens: int = 0         # evaluate on the first this many tokens; 0 = all
+    max_eval_items: int = 0          # multiple choice: the first this many items; 0 = all
+    report: str = ''                 # write the evaluation figures here as JSON
     device: str = 'auto'
-    dtype: str = 'auto'
+    dtype: str = 'auto'              # float32 | bfloat16 | float16 | auto; weights are converted to it
+    compile: bool = False            # torch.compile the model's forward
 
 
-def load_model(out_dir, device):
-    """(model in eval mode, meta, checkpoint config) from out_dir/ckpt.pt."""
-    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), map_location=device)
-    model = model_from_checkpoint(ckpt, device)
-    model.eval()
-    return model, ckpt.get('meta') or {}, ckpt.get('config', {})
+# ----------------------------------------------------------------------------------------------------------
+# models and their tokenizers
 
+def tiktoken_tokenizer(name):
+    enc = tiktoken_encoding(name)
+    return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
+                           decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
+                           identity=f'tiktoken:{name}', chat_template=None)
+
+
+def meta_tokenizer(meta):
+    """The tokenizer prepare.py recorded in a checkpoint's meta, with its end-of-text id when it has one."""
+    tok = meta.get('tokenizer') or {}
+    if tok.get('kind') == 'tiktoken':
+        return tiktoken_tokenizer(tok['name'])
+    encode, decode = load_tokenizer(meta)
+    eos = bpe_from_text(tok['model'], 'the checkpoint').eot_token if tok.get('kind') == 'bpe' else None
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=None,
+                           identity=json.dumps(tokenizer_identity(tok), sort_keys=True))
+
+
+def hf_tokenizer(folder, model_type):
+    """GPT-2 uses tiktoken's encoding; byte-level BPE models (Llama 3, Qwen2, SmolLM) their tokenizer.json."""
+    if model_type == 'gpt':
+        return tiktoken_tokenizer('gpt2')
+    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+        raise UserError(f"'{folder}' has no tokenizer.json, so its text cannot be encoded")
+    try:
+        tok = bpe.Tokenizer.from_hf(folder)
+    except bpe.BPEError as e:
+        raise UserError(str(e)) from None
+    eos = [i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'), tok.special_tokens.get('<|eot_id|>'))
+           if i is not None]
+    encode = lambda s: tok.encode(s, allowed_special='all')  # noqa: E731
+    try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
+        enc = tok.to_tiktoken()
+        norm = (lambda s: unicodedata.normalize(tok.normalizer, s)) if tok.normalizer else (lambda s: s)
+        encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
+    except bpe.BPEError:
+        pass
+    return SimpleNamespace(encode=encode, decode=tok.decode, eos_id=eos, chat_template=tok.chat_template,
+                           identity=f'hf:{os.path.abspath(folder)}')
+
+
+def load_model(init_from, device='cpu', dtype='float32'):
+    """(model in eval mode with its weights in dtype, tokenizer) from anything init_from names (see above).
+    The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template."""
+    if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        ckpt = load_checkpoint(os.path.join(init_from, 'ckpt.pt'), map_location=device)
+        model = model_from_checkpoint(ckpt, device)
+        if not (ckpt.get('meta') or {}).get('tokenizer'):
+            raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
+        tok = meta_tokenizer(ckpt['meta'])
+    else:
+        if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, 'config.json')):
+            raise UserError(f"no checkpoint at '{init_from}': init_from takes a train.py out_dir (with ckpt.pt), "
+                            f"a Hugging Face model folder (with config.json), gpt2 .. gpt2-xl, or hf:org/name")
+        try:
+            folder = pretrained_folder(init_from)
+            model = from_pretrained(folder).to(device)
+        except PretrainedError as e:
+            raise UserError(str(e)) from None
+        tok = hf_tokenizer(folder, model.config.model_type)
+    return model.to(getattr(torch, dtype)).eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# turning tokens into text
+
+def stop_strings(cfg):
+    return [cfg.stop.encode('utf-8').decode('unicode_escape')] if cfg.stop else []
+
+
+def stream_text(steps, tok, stop=(), row=0):
+    """The text of one row of generate_stream as it comes, in pieces. The end-of-text token is not shown, the
+    bytes of a character split over tokens wait for the rest, and text that may start a stop string waits
+    until it does not; generation's text ends before the stop string."""
+    eos = set([tok.eos_id] if isinstance(tok.eos_id, int) else tok.eos_id or [])
+    ids, shown, text = [], 0, ''
+    for step in steps:
+        t = step[row]
+        if t is None or t in eos:
+            break
+        ids.append(t)
+        text = tok.decode(ids)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            yield text[shown:min(hits)]
+            return
+        end = len(text) - text.endswith('\ufffd')  # an incomplete UTF-8 character shows as U+FFFD
+        for s in stop:  # hold back a tail that could grow into a stop string
+            end = min(end, next((len(text) - k for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), end))
+        if end > shown:
+            yield text[shown:end]
+            shown = end
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def finish(ids, tok, stop, max_new_tokens):
+    """(text, finish_reason) of one row's new tokens: 'stop' at EOS or a stop string, else 'length'."""
+    text = ''.join(stream_text(([t] for t in ids), tok, stop))
+    eos = set([tok.eos_id] if isinstance(tok.eos_id, int) else tok.eos_id or [])
+    stopped = (ids and ids[-1] in eos) or any(s in tok.decode(ids) for s in stop)
+    return text, 'stop' if stopped or len(ids) < max_new_tokens else 'length'
+
+
+def gen_options(cfg, tok):
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, min_p=cfg.min_p or None,
+                repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_id, stop=stop_strings(cfg) or None,
+                decode=tok.decode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat
+
+CHAT_STYLES = {  # (start of a turn, end of a turn, what ends the assistant's reply)
+    'chatml': ('<|im_start|>{role}\n', '<|im_end|>\n', '<|im_end|>'),                         # Qwen2, SmolLM
+    'llama3': ('<|start_header_id|>{role}<|end_header_id|>\n\n', '<|eot_id|>', '<|eot_id|>'),  # Llama 3
+    'plain': ('{Role}: ', '\n', '\nUser:'),                                                   # base models
+}
+
+
+def chat_style(tok):
+    """The chat format named by the model's chat template (we recognise its markers rather than run Jinja)."""
+    template = tok.chat_template or ''
+    return 'chatml' if '<|im_start|>' in template else 'llama3' if '<|start_header_id|>' in template else 'plain'
+
+
+def chat_prompt(messages, style):
+    """The text of a conversation ({'role', 'content'} dicts) that ends where the assistant's reply begins."""
+    start, end, _ = CHAT_STYLES[style]
+    turn = lambda role, text: start.format(role=role, Role=role.capitalize()) + text  # noqa: E731
+    text = '<|begin_of_text|>' if style == 'llama3' else ''
+    return text + ''.join(turn(m['role'], m['content']) + end for m in messages) + turn('assistant', '').rstrip(' ')
+
+
+def chat(model, tok, cfg):
+    style = chat_style(tok)
+    _, _, stop = CHAT_STYLES[style]
+    system = [{'role': 'system', 'content': cfg.system}] if cfg.system else []
+    messages = list(system)
+    room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)
+    print(f"chat with {cfg.init_from} ({style} format). /reset forgets the conversation; /quit or Ctrl-D ends.")
+    while True:
+        try:
+            line = input('\n> ')
+        except EOFError:
+            break
+        if line.strip() in ('/quit', '/exit'):
+            break
+        if line.strip() == '/reset':
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({'role': 'user', 'content': line})
+        ids = tok.encode(chat_prompt(messages, style))
+        while len(ids) > room and len(messages) > len(system) + 1:  # forget the oldest turns first
+            messages = system + messages[len(system) + 2:]
+            ids = tok.encode(chat_prompt(messages, style))
+        opts = {**gen_options(cfg, tok), 'stop': [stop], 'seed': None}
+        reply = ''
+        for piece in stream_text(model.generate_stream([ids], cfg.max_new_tokens, **opts), tok, [stop]):
+            print(piece, end='', flush=True)
+            reply += piece
+        print()
+        messages.append({'role': 'assistant', 'content': reply.strip()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts from the command line or a file
 
 def read_prompt(start):
     if start.startswith('FILE:'):
@@ -49,35 +245,247 @@ def read_prompt(start):
     return start
 
 
+def read_prompts(path):
+    """Prompts from a .txt file (one per line, \\n escapes allowed) or .jsonl ({"prompt": ...} or a string)."""
+    if not os.path.isfile(path):
+        raise UserError(f"prompts file '{path}' not found")
+    text, why = decode_file(path)
+    if text is None:
+        raise UserError(f"prompts file '{path}' {why}: give a .txt or .jsonl file")
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not path.endswith('.jsonl'):
+            prompts.append(line.replace('\\n', '\n'))
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}") from None
+        prompt = rec if isinstance(rec, str) else rec.get('prompt') if isinstance(rec, dict) else None
+        if not isinstance(prompt, str):
+            raise UserError(f"{path}:{n} has no \"prompt\" string; each line must be {{\"prompt\": \"...\"}}")
+        prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"prompts file '{path}' has no prompts")
+    return prompts
+
+
+def encode_prompt(tok, prompt, block_size, where='the prompt'):
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError(f"{where} encodes to no tokens: give it some text")
+    if len(ids) >= block_size:
+        print(f"note: {where} has {len(ids)} tokens; only the last {block_size - 1} are seen (block_size "
+              f"{block_size} with room for one new token)", file=sys.stderr)
+    return ids
+
+
+def write_jsonl(records, path):
+    lines = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    if not path:
+        sys.stdout.write(lines)
+        return
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:  # whole or not at all
+        f.write(lines)
+    os.replace(path + '.tmp', path)
+
+
+def complete_file(model, tok, cfg):
+    """Every prompt of cfg.prompts, decoded cfg.batch_size at a time, as JSONL records."""
+    prompts = read_prompts(cfg.prompts)
+    block, stop, records, t0 = model.config.block_size, stop_strings(cfg), [], time.time()
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[i:i + cfg.batch_size]
+        ids = [encode_prompt(tok, p, block, f'prompt {i + j + 1}') for j, p in enumerate(batch)]
+        out = model.generate(ids, cfg.max_new_tokens, **gen_options(cfg, tok), seed=cfg.seed + i)
+        for p, x, y in zip(batch, ids, out):
+            text, reason = finish(y[len(x):], tok, stop, cfg.max_new_tokens)
+            records.append({'prompt': p, 'completion': text, 'prompt_tokens': len(x),
+                            'completion_tokens': len(y) - len(x), 'finish_reason': reason})
+    write_jsonl(records, cfg.output)
+    n = sum(r['completion_tokens'] for r in records)
+    print(f"{len(records)} prompts, {n} new tokens in {time.time() - t0:.1f}s"
+          + (f" -> {cfg.output}" if cfg.output else ''), file=sys.stderr)
+
+
+def sample(model, tok, cfg):
+    """cfg.num_samples continuations of one prompt, printed (streamed one after another, or decoded as a batch)."""
+    ids = encode_prompt(tok, read_prompt(cfg.start), model.config.block_size)
+    prompt_text, stop = tok.decode(ids), stop_strings(cfg)
+    for k in range(0, cfg.num_samples, 1 if cfg.stream else cfg.batch_size):
+        rows = 1 if cfg.stream else min(cfg.batch_size, cfg.num_samples - k)
+        t0, n = time.time(), 0
+        steps = model.generate_stream([ids] * rows, cfg.max_new_tokens, **gen_options(cfg, tok), seed=cfg.seed + k)
+        if cfg.stream:
+            counted = []
+            print(prompt_text, end='', flush=True)
+            for piece in stream_text((counted.append(s) or s for s in steps), tok, stop):
+                print(piece, end='', flush=True)
+            n = len(counted)
+            print()
+        else:
+            new = [[] for _ in range(rows)]
+            for step in steps:
+                for row, t in zip(new, step):
+                    row.extend([] if t is None else [t])
+            n = sum(map(len, new))
+            for row in new:
+                print(prompt_text + finish(row, tok, stop, cfg.max_new_tokens)[0])
+        dt = time.time() - t0
+        print(f'--------------- ({n} tokens in {dt:.1f}s, {n / max(dt, 1e-9):.0f} tokens/s)')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def eval_tokens(model, ids, stride=0, batch_size=8):
+    """Perplexity and next-token accuracy over a token sequence, read in block_size windows that advance by
+    stride: each token is predicted once, and after the first window with at least block_size - stride
+    tokens of context (non-overlapping windows, stride = block_size, see less and score worse)."""
+    block, device = model.config.block_size, model.lm_head.weight.device
+    stride = stride or max(1, block // 2)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if len(ids) < 2:
+        raise UserError("evaluation needs at least 2 tokens of text")
+    windows, done, start = [], 0, 0  # (first input, end of the inputs, targets before this are scored)
+    while done < len(ids) - 1:
+        end = min(start + block, len(ids) - 1)
+        windows.append((start, end, done))
+        done, start = end, start + stride
+    loss, correct, count = 0.0, 0, 0
+    for length in sorted({e - s for s, e, _ in windows}):  # equal lengths batch together
+        group = [w for w in windows if w[1] - w[0] == length]
+        for i in range(0, len(group), batch_size):
+            x = torch.stack([ids[s:e] for s, e, _ in group[i:i + batch_size]]).to(device)
+            y = torch.stack([torch.where(torch.arange(s + 1, e + 1) > d, ids[s + 1:e + 1], -100)
+                             for s, e, d in group[i:i + batch_size]]).to(device)
+            logits = model(x)[0].float()
+            loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction='sum').item()
+            correct += ((logits.argmax(-1) == y) & (y != -100)).sum().item()
+            count += (y != -100).sum().item()
+    return {'loss': loss / count, 'ppl': math.exp(loss / count), 'acc': correct / count, 'tokens': count}
+
+
+def eval_data_tokens(cfg, tok):
+    """Token ids to evaluate on: a text file through the model's tokenizer, or a split of a prepare.py folder
+    (which must have been made with the model's tokenizer)."""
+    path = cfg.eval_data
+    if os.path.isdir(path):
+        meta, data = load_data(path)
+        if cfg.eval_split not in data:
+            raise UserError(f"eval_split must be train or val, not '{cfg.eval_split}'")
+        if meta_tokenizer(meta).identity != tok.identity:
+            raise UserError(f"'{path}' was tokenized with {meta['tokenizer'].get('kind')}, not this model's "
+                            f"tokenizer: evaluate on a text file instead (--eval_data=FILE.txt)")
+        ids = [t for shard in data[cfg.eval_split] for t in shard[:cfg.max_eval_tokens or None].tolist()]
+    elif os.path.isfile(path):
+        text, why = decode_file(path)
+        if text is None:
+            raise UserError(f"'{path}' {why}: --eval_data takes a text file or a prepare.py folder")
+        ids = tok.encode(text)
+    else:
+        raise UserError(f"eval_data '{path}' not found: give a text file or a prepare.py folder")
+    return ids[:cfg.max_eval_tokens or None]
+
+
+def read_mc(path):
+    """Multiple-choice items from JSONL: {"ctx" | "context", "endings" | "choices", "label" | "gold"}."""
+    if not os.path.isfile(path):
+        raise UserError(f"multiple-choice file '{path}' not found")
+    items = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ctx = rec.get('ctx', rec.get('context'))
+                endings = rec.get('endings', rec.get('choices'))
+                label = int(rec.get('label', rec.get('gold')))
+                assert isinstance(ctx, str) and isinstance(endings, list) and all(isinstance(e, str) for e in endings)
+                assert 0 <= label < len(endings)
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError, AssertionError):
+                raise UserError(f"{path}:{n} is not a multiple-choice item: each line needs \"ctx\" (text), "
+                                f"\"endings\" (a list of texts) and \"label\" (the right ending's index)") from None
+            items.append((ctx, endings, label))
+    if not items:
+        raise UserError(f"multiple-choice file '{path}' has no items")
+    return items
+
+
+@torch.no_grad()
+def score_endings(model, tok, ctx, endings):
+    """Summed loss and token count of each ending after the context, all endings in one batch."""
+    block, device = model.config.block_size, model.lm_head.weight.device
+    ctx_ids, rows = tok.encode(ctx), []
+    for e in endings:  # an ending continues the context after a space, as HellaSwag's do
+        cont = tok.encode(e if ctx[-1:].isspace() or e[:1].isspace() else ' ' + e)
+        seq = (ctx_ids + cont)[-(block + 1):]
+        rows.append((seq, min(len(cont), len(seq) - 1)))
+    T = max(len(s) for s, _ in rows) - 1
+    x = torch.tensor([s[:-1] + [0] * (T + 1 - len(s)) for s, _ in rows], device=device)
+    y = torch.tensor([[-100] * (len(s) - 1 - n) + s[-n:] + [-100] * (T + 1 - len(s)) for s, n in rows], device=device)
+    nll = F.cross_entropy(model(x)[0].float().transpose(1, 2), y, ignore_index=-100, reduction='none').sum(1)
+    return nll.tolist(), [n for _, n in rows]
+
+
+def eval_mc(model, tok, items):
+    """acc: the ending with the lowest summed loss is right; acc_norm: the lowest loss per token."""
+    hits, hits_norm = 0, 0
+    for ctx, endings, label in items:
+        losses, counts = score_endings(model, tok, ctx, endings)
+        hits += min(range(len(endings)), key=lambda i: losses[i]) == label
+        hits_norm += min(range(len(endings)), key=lambda i: losses[i] / counts[i]) == label
+    return {'acc': hits / len(items), 'acc_norm': hits_norm / len(items), 'items': len(items)}
+
+
+def evaluate(model, tok, cfg):
+    report = {'init_from': cfg.init_from, 'dtype': str(next(model.parameters()).dtype).replace('torch.', '')}
+    t0 = time.time()
+    if cfg.eval_data:
+        r = eval_tokens(model, eval_data_tokens(cfg, tok), cfg.eval_stride, cfg.batch_size)
+        print(f"{cfg.eval_data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f}, next-token accuracy "
+              f"{r['acc']:.2%} over {r['tokens']:,} tokens")
+        report['text'] = {'data': cfg.eval_data, **r}
+    if cfg.eval_mc:
+        items = read_mc(cfg.eval_mc)[:cfg.max_eval_items or None]
+        r = eval_mc(model, tok, items)
+        print(f"{cfg.eval_mc}: accuracy {r['acc']:.2%}, length-normalised {r['acc_norm']:.2%} over {r['items']} items")
+        report['multiple_choice'] = {'data': cfg.eval_mc, **r}
+    report['seconds'] = round(time.time() - t0, 1)
+    if cfg.report:
+        with open(cfg.report, 'w') as f:
+            json.dump(report, f, indent=2)
+
+
 def main(argv):
     cfg = parse_config(SampleConfig, argv)
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0 or cfg.top_k < 0:
-        raise UserError("num_samples must be >= 1 and max_new_tokens, temperature and top_k >= 0")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0 or cfg.top_k < 0 or cfg.batch_size < 1:
+        raise UserError("num_samples and batch_size must be >= 1 and max_new_tokens, temperature and top_k >= 0")
+    if not (0 < cfg.top_p <= 1 and 0 <= cfg.min_p < 1 and cfg.repetition_penalty > 0):
+        raise UserError("top_p must be in (0, 1], min_p in [0, 1) and repetition_penalty > 0")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, meta, _ = load_model(cfg.out_dir, device)
+    model, tok = load_model(cfg.init_from, device, dtype)
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    if cfg.eval_data or cfg.eval_mc:
+        if model.config.model_type == 'bert':
+            raise UserError("perplexity and multiple choice need a decoder (gpt or llama), not a bert encoder")
+        return evaluate(model, tok, cfg)
     if not hasattr(model, 'generate'):
-        raise UserError(f"'{cfg.out_dir}' holds a {model.config.model_type} encoder, which does not generate "
+        raise UserError(f"'{cfg.init_from}' holds a {model.config.model_type} encoder, which does not generate "
                         f"text; sample from a gpt or llama checkpoint")
-    if not meta.get('tokenizer'):
-        raise UserError(f"the checkpoint in '{cfg.out_dir}' has no tokenizer metadata (was it a dry run?)")
-    encode, decode = load_tokenizer(meta)
-    prompt = read_prompt(cfg.start)
-    ids = encode(prompt)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens: give --start some text")
-    block = model.config.block_size
-    if len(ids) > block:
-        print(f"note: the prompt has {len(ids)} tokens; only the last {block} (block_size) are seen")
     torch.manual_seed(cfg.seed)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for k in range(cfg.num_samples):
-        t0 = time.time()
-        with autocast(device, dtype):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-        dt = time.time() - t0
-        print(decode(y[0].tolist()))
-        print(f'--------------- ({cfg.max_new_tokens} tokens in {dt:.1f}s, {cfg.max_new_tokens / max(dt, 1e-9):.0f} tokens/s)')
+    if cfg.chat:
+        chat(model, tok, cfg)
+    elif cfg.prompts:
+        complete_file(model, tok, cfg)
+    else:
+        sample(model, tok, cfg)
 
 
 if __name__ == '__main__':

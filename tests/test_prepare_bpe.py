@@ -86,7 +86,7 @@ def test_train_then_sample_without_the_data_folder(tmp_path):
                 '--block_size=32', '--batch_size=4', '--max_iters=4', '--eval_interval=4', '--eval_iters=1',
                 '--dtype=float32', '--device=cpu'])
     shutil.rmtree(data)
-    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--start=ROMEO:', '--num_samples=1',
+    p = subprocess.run([sys.executable, 'sample.py', f'--init_from={out}', '--start=ROMEO:', '--num_samples=1',
                         '--max_new_tokens=20', '--device=cpu'], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith('ROMEO:')

@@ -1,10 +1,19 @@
+import json
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.nn import functional as F
 
+import sample
 import train
+from train import UserError
+
+from conftest import shared_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,41 +27,162 @@ def trained(char_data, tmp_path_factory):
     return out
 
 
-def sample(*args):
-    return subprocess.run([sys.executable, 'sample.py', *args], cwd=REPO, capture_output=True, text=True)
+@pytest.fixture(scope='module')
+def loaded(trained):
+    return sample.load_model(str(trained), 'cpu', 'float32')
+
+
+def shakespeare():
+    return open(shared_file('tinyshakespeare.txt'), encoding='utf-8').read()
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, 'sample.py', *args], cwd=REPO, capture_output=True, text=True,
+                          input=stdin)
 
 
 def test_sample_from_a_fresh_checkpoint(trained):
-    p = sample(f'--out_dir={trained}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40', '--seed=1')
+    p = run(f'--init_from={trained}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40', '--seed=1')
     assert p.returncode == 0, p.stderr
     texts = [t for t in p.stdout.split('---------------') if 'ROMEO:' in t]
-    assert len(texts) == 2
-    assert all(len(t.strip().split('ROMEO:', 1)[1]) > 0 for t in texts)
-    again = sample(f'--out_dir={trained}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40', '--seed=1')
-    strip = lambda s: [line for line in s.splitlines() if not line.startswith('-----')]  # timings differ
+    assert len(texts) == 1 and texts[0].count('ROMEO:') == 2  # two samples decoded as one batch
+    assert all(len(t) > 0 for t in texts[0].split('ROMEO:')[1:])
+    again = run(f'--init_from={trained}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40', '--seed=1')
+    strip = lambda s: [line for line in s.splitlines() if not line.startswith('-----')]  # noqa: E731 (timings)
     assert strip(again.stdout) == strip(p.stdout)  # the seed makes sampling repeatable
 
 
-def test_greedy_prompt_from_file_and_overlong_prompt(trained, tmp_path):
-    prompt = tmp_path / 'p.txt'
-    prompt.write_text('To be, or not to be' * 5)  # 95 characters > block_size 32
-    p = sample(f'--out_dir={trained}', f'--start=FILE:{prompt}', '--num_samples=1', '--max_new_tokens=10',
-               '--temperature=0')
+def test_greedy_stream_equals_batch_and_generate(trained, loaded, capsys):
+    model, tok = loaded
+    ids = tok.encode('To be, or not')
+    expect = tok.decode(model.generate([ids], 30, temperature=0)[0])
+    for stream in (True, False):
+        sample.main([f'--init_from={trained}', '--start=To be, or not', '--num_samples=1', '--max_new_tokens=30',
+                     '--temperature=0', f'--stream={stream}', '--dtype=float32'])
+        assert capsys.readouterr().out.splitlines()[:-1] == expect.splitlines()
+
+
+def test_overlong_prompt_is_cut_from_the_left(trained):
+    p = run(f'--init_from={trained}', '--start=' + 'To be, or not to be' * 5, '--num_samples=1',
+            '--max_new_tokens=10', '--temperature=0')
     assert p.returncode == 0, p.stderr
-    assert 'only the last 32 (block_size) are seen' in p.stdout
-    assert p.stdout.splitlines()[1].startswith('To be, or not to be')
+    assert 'has 95 tokens; only the last 31 are seen' in p.stderr
+
+
+def test_prompts_file_to_jsonl(trained, loaded, tmp_path):
+    model, tok = loaded
+    prompts = ['ROMEO:', 'JULIET:\nO', 'KING']
+    src = tmp_path / 'p.jsonl'
+    src.write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in prompts[:2]) + json.dumps(prompts[2]) + '\n')
+    out = tmp_path / 'out.jsonl'
+    sample.main([f'--init_from={trained}', f'--prompts={src}', f'--output={out}', '--max_new_tokens=12',
+                 '--temperature=0', '--batch_size=2', '--stop=\\n\\n', '--dtype=float32'])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r['prompt'] for r in records] == prompts
+    for r in records:  # batched greedy equals one prompt alone, cut at the stop string
+        alone = tok.decode(model.generate([tok.encode(r['prompt'])], 12, temperature=0)[0])[len(r['prompt']):]
+        assert r['completion'] == alone.split('\n\n')[0]
+        assert r['finish_reason'] == ('stop' if '\n\n' in alone else 'length')
+        assert r['prompt_tokens'] == len(r['prompt'])
+
+
+@pytest.mark.parametrize('content,message', [
+    ('{"prompt": "a"}\n{"prompt": \n', 'p.jsonl:2 is not valid JSON'),
+    ('{"text": "a"}\n', 'p.jsonl:1 has no "prompt" string'),
+    ('\n\n', 'has no prompts'),
+])
+def test_bad_prompts_files(trained, tmp_path, content, message):
+    (tmp_path / 'p.jsonl').write_text(content)
+    with pytest.raises(UserError, match=message):
+        sample.main([f'--init_from={trained}', f"--prompts={tmp_path / 'p.jsonl'}"])
+
+
+def test_chat_repl_keeps_history(trained):
+    p = run(f'--init_from={trained}', '--chat=True', '--max_new_tokens=8', '--temperature=0',
+            stdin='Hello there\n/reset\nGood day\n/quit\n')
+    assert p.returncode == 0, p.stderr
+    assert 'plain format' in p.stdout and p.stdout.count('> ') == 4
+
+
+def fake_tok(eos=None):
+    table = {1: 'ab', 2: 'c', 3: '\n', 4: 'X', 5: 'Y'}
+    return SimpleNamespace(decode=lambda ids: ''.join(table.get(i, '\ufffd') for i in ids), eos_id=eos)
+
+
+def test_stream_text_holds_back_stop_prefixes_and_cuts_at_stop():
+    tok = fake_tok(eos=9)
+    steps = [[t] for t in (1, 3, 2, 3, 3, 4)]
+    pieces = list(sample.stream_text(iter(steps), tok, ['\n\n']))
+    assert pieces == ['ab', '\nc', '']  # '\n' waits (it may start '\n\n'); the stop string is never shown
+    assert ''.join(sample.stream_text(iter([[1], [7], [2], [9], [4]]), tok)) == 'ab\ufffdc'  # EOS ends it
+    assert ''.join(sample.stream_text(iter([[1], [3], [None]]), tok, ['\n\n'])) == 'ab\n'  # flushed at the end
+
+
+def test_eval_counts_every_token_once_and_matches_the_model(loaded, trained):
+    model, tok = loaded
+    ids = tok.encode(shakespeare()[:201])
+    r = sample.eval_tokens(model, ids, stride=32)  # stride = block_size: plain non-overlapping windows
+    losses, hits = [], 0
+    for s in range(0, len(ids) - 1, 32):
+        x = torch.tensor([ids[s:s + 32]])
+        y = torch.tensor(ids[s + 1:s + 33])
+        logits = model(x[:, :len(y)])[0][0].float()
+        losses.append(F.cross_entropy(logits, y, reduction='sum').item())
+        hits += (logits.argmax(-1) == y).sum().item()
+    assert r['tokens'] == len(ids) - 1
+    assert r['loss'] == pytest.approx(sum(losses) / (len(ids) - 1), rel=1e-5) and r['acc'] == hits / (len(ids) - 1)
+    overlapped = sample.eval_tokens(model, ids, stride=8)  # more context per token: every token still once
+    assert overlapped['tokens'] == len(ids) - 1 and overlapped['loss'] < r['loss']
+    assert math.isclose(overlapped['ppl'], math.exp(overlapped['loss']))
+
+
+def test_eval_on_text_file_and_prepared_split(trained, char_data, tmp_path):
+    text = tmp_path / 'eval.txt'
+    text.write_text(shakespeare()[5000:7000])
+    report = tmp_path / 'r.json'
+    sample.main([f'--init_from={trained}', f'--eval_data={text}', f'--report={report}', '--dtype=float32'])
+    r = json.loads(report.read_text())['text']
+    assert r['tokens'] == len(text.read_text()) - 1 and 1.0 < r['ppl'] < 30
+    sample.main([f'--init_from={trained}', f'--eval_data={char_data}', '--max_eval_tokens=3000',
+                 f'--report={report}', '--dtype=float32'])
+    assert json.loads(report.read_text())['text']['tokens'] == 2999
+
+
+def test_multiple_choice_picks_the_lowest_loss_per_token(loaded, tmp_path):
+    model, tok = loaded
+    items = [('ROMEO: I will', ['go to bed', 'zqxj', 'speak'], 0), ('The king', ['is dead', 'Q'], 0),
+             ('JULIET:', ['O Romeo, Romeo', 'xx'], 1)]
+    path = tmp_path / 'mc.jsonl'
+    path.write_text(''.join(json.dumps({'ctx': c, 'endings': e, 'label': lab}) + '\n' for c, e, lab in items))
+    expect_norm = expect_sum = 0
+    for ctx, endings, label in items:  # the same scores computed one ending at a time
+        scores = []
+        for e in endings:
+            c, full = tok.encode(ctx), tok.encode(ctx + ' ' + e)
+            logits = model(torch.tensor([full[:-1]]))[0][0].float()
+            nll = F.cross_entropy(logits[len(c) - 1:], torch.tensor(full[len(c):]), reduction='sum').item()
+            scores.append((nll, nll / (len(full) - len(c))))
+        expect_sum += min(range(len(endings)), key=lambda i: scores[i][0]) == label
+        expect_norm += min(range(len(endings)), key=lambda i: scores[i][1]) == label
+    r = sample.eval_mc(model, tok, sample.read_mc(str(path)))
+    assert (r['acc'], r['acc_norm'], r['items']) == (expect_sum / 3, expect_norm / 3, 3)
+    path.write_text('{"ctx": "a", "endings": ["b"], "label": 3}\n')
+    with pytest.raises(UserError, match=r'mc.jsonl:1 is not a multiple-choice item'):
+        sample.read_mc(str(path))
 
 
 @pytest.mark.parametrize('args,message', [
     (['--start=ROMEO \u2603'], "character '\u2603' is not in this dataset's vocabulary"),
     (['--start=FILE:/nonexistent.txt'], "prompt file '/nonexistent.txt' not found"),
     (['--temperature=-1'], 'temperature and top_k >= 0'),
+    (['--top_p=0'], 'top_p must be in (0, 1]'),
+    (['--eval_data=/nonexistent'], "eval_data '/nonexistent' not found"),
 ])
 def test_sample_errors(trained, args, message):
-    p = sample(f'--out_dir={trained}', *args)
+    p = run(f'--init_from={trained}', *args)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_sample_without_checkpoint(tmp_path):
-    p = sample(f'--out_dir={tmp_path}')
+    p = run(f'--init_from={tmp_path}')
     assert p.returncode == 2 and 'no checkpoint at' in p.stderr
