@@ -186,3 +186,51 @@ def test_sample_errors(trained, args, message):
 def test_sample_without_checkpoint(tmp_path):
     p = run(f'--init_from={tmp_path}')
     assert p.returncode == 2 and 'no checkpoint at' in p.stderr
+
+
+# --- pretrained Hugging Face models -------------------------------------------------------------------------
+
+def test_gpt2_folder_samples_what_transformers_generates(tmp_path, monkeypatch, capsys):
+    transformers = pytest.importorskip('transformers')
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', shared_file('tiktoken_cache'))
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                              initializer_range=0.2)).eval()
+    hf.save_pretrained(tmp_path)
+    enc = sample.tiktoken_encoding('gpt2')
+    ids = enc.encode('Hello, my name is')
+    with torch.no_grad():
+        expect = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0].tolist()
+    sample.main([f'--init_from={tmp_path}', '--start=Hello, my name is', '--num_samples=1', '--max_new_tokens=12',
+                 '--temperature=0', '--dtype=float32'])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == enc.decode(expect[:expect.index(50256)] if 50256 in expect else expect)
+
+
+def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
+    """A Qwen2-style folder: tokenizer.json read by bpe.py, ChatML turns, <|im_end|> ends the reply."""
+    transformers = pytest.importorskip('transformers')
+    tokenizers = pytest.importorskip('tokenizers')
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=['<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([shakespeare()[:20000]], trainer)
+    tk.save(str(tmp_path / 'tokenizer.json'))
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps(
+        {'eos_token': '<|im_end|>', 'chat_template': "{% for m in messages %}<|im_start|>{{ m.role }}\n..."}))
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=tk.get_vocab_size(), max_position_embeddings=128)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    model, tok = sample.load_model(str(tmp_path))
+    assert sample.chat_style(tok) == 'chatml' and tk.token_to_id('<|im_end|>') in tok.eos_id
+    messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    text = sample.chat_prompt(messages, 'chatml')
+    assert text == '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+    assert tok.encode(text) == tk.encode(text).ids  # special tokens are single ids, as the tokenizer has them
+    p = run(f'--init_from={tmp_path}', '--chat=True', '--system=Be brief.', '--max_new_tokens=5', '--temperature=0',
+            stdin='Hello\n')
+    assert p.returncode == 0, p.stderr
+    assert 'chatml format' in p.stdout
