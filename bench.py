@@ -18,7 +18,16 @@ peak memory (CUDA: allocated; CPU: resident set growth), and each variant relati
 Shakespeare and a ~10 MB mix of the shared texts, each run in a fresh process for its peak memory; then
 minbpe's recount-per-merge loop (time-capped and extrapolated), and encoding speed of the pure-Python encoder
 and of the tiktoken export.
+
+    python bench.py decode                                   # GPT-2 124M greedy decode vs transformers
+    python bench.py decode --batch_sizes=1 --prompt_lens=16 --dtypes=bfloat16 --hf=False
+
+`decode` times model.generate (KV cache, greedy, 128 new tokens) with PyTorch's stock Linear and with
+sample.pack_linears (oneDNN-packed weights, what sample.py uses on CPU) against transformers' generate() on the
+same weights (exported with save_pretrained), at batch 1 and 8 and prompts of 16 and 512 tokens, in float32
+and bfloat16 weights; and the weight bytes read per second against this machine's measured memory bandwidth.
 """
+import copy
 import glob
 import inspect
 import json
@@ -37,7 +46,8 @@ import numpy as np
 import torch
 
 import bpe
-from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
+from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params, save_pretrained
+from sample import pack_linears
 from train import (MODEL_KEYS, TrainConfig, autocast, get_batch, parse_config, resolve_device, resolve_dtype,
                    run_cli, train_step)
 
@@ -352,7 +362,141 @@ def bench_bpe(argv):
     return rows
 
 
-BENCHES = {'train': bench_train, 'bpe': bench_bpe}
+# ----------------------------------------------------------------------------------------------------------
+# decode: model.generate with the KV cache against transformers' generate() on the same weights
+
+
+@dataclass
+class DecodeBenchConfig:
+    # GPT-2 124M; any gpt or llama shape works (transformers gets the same weights through save_pretrained)
+    model_type: str = 'gpt'
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 1024
+    batch_sizes: str = '1,8'
+    prompt_lens: str = '16,512'
+    new_tokens: int = 128
+    dtypes: str = 'float32,bfloat16'
+    rounds: int = 2              # alternate ours and transformers this many times; the best time counts
+    hf: bool = True              # also time transformers (needs it installed: requirements-dev.txt)
+    num_threads: int = 0
+    seed: int = 1337
+
+
+def memory_bandwidth(gib=1, reps=5):
+    """Best bytes/s of reading a large float32 array (a sum), and of copying one (bytes read + written)."""
+    x = torch.ones(gib * 2**28)
+    y = torch.empty_like(x)
+    read = copy = float('inf')
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        t1 = time.perf_counter()
+        y.copy_(x)
+        t2 = time.perf_counter()
+        read, copy = min(read, t1 - t0), min(copy, t2 - t1)
+    return x.nbytes / read, 2 * x.nbytes / copy
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights one decode step reads: every matrix once (tied ones once), but of the embedding
+    tables only the rows of the token and position (the tied output head reads the token table whole)."""
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() not in seen and not name.endswith('wpe.weight'):
+            seen.add(p.data_ptr())
+            n += p.numel() * p.element_size()
+    return n
+
+
+def time_generate(fn, reps):
+    best = float('inf')
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_decode(argv):
+    cfg = parse_config(DecodeBenchConfig, argv)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig(**{k: getattr(cfg, k) for k in ('model_type', 'n_layer', 'n_head', 'n_kv_head', 'n_embd',
+                                                         'vocab_size', 'block_size')}, bias=cfg.model_type == 'gpt')
+    ours = build_model(mcfg).eval()
+    hf = transformers = None
+    if cfg.hf:
+        import transformers
+        work = tempfile.mkdtemp()
+        save_pretrained(ours, work)  # identical weights, through our own exporter
+        hf = transformers.AutoModelForCausalLM.from_pretrained(work).eval()
+        shutil.rmtree(work, ignore_errors=True)
+    read_bw, copy_bw = memory_bandwidth()
+    print(f"bench decode: {cfg.model_type} {cfg.n_layer}L {cfg.n_head}H {cfg.n_embd}C, vocab {cfg.vocab_size}, "
+          f"{num_params(ours) / 1e6:.1f}M parameters, greedy, {cfg.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+          + (f", transformers {transformers.__version__}" if hf is not None else ''))
+    print(f"memory bandwidth: read {read_bw / 1e9:.1f} GB/s, copy {copy_bw / 1e9:.1f} GB/s (read + write)")
+    print(f"{'dtype':<9} {'batch':>5} {'prompt':>6} {'stock':>8} {'packed':>8} {'hf':>8} {'packed/hf':>9} "
+          f"{'weights GB/s':>12} {'of read bw':>10} {'same tokens':>11}")
+    rows = {}
+    for dtype in cfg.dtypes.split(','):
+        stock = copy.deepcopy(ours).to(getattr(torch, dtype))
+        packed = pack_linears(copy.deepcopy(stock))
+        if hf is not None:
+            hf.to(getattr(torch, dtype))
+        wbytes = weight_bytes_per_token(stock)
+        for B in map(int, cfg.batch_sizes.split(',')):
+            for T in map(int, cfg.prompt_lens.split(',')):
+                x = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(T))
+                runs = {'stock': lambda: stock.generate(x, cfg.new_tokens, temperature=0),
+                        'packed': lambda: packed.generate(x, cfg.new_tokens, temperature=0)}
+                if hf is not None:
+                    runs['hf'] = lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                     max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                                                     pad_token_id=0)
+                best, out = {k: float('inf') for k in runs}, {}
+                with torch.no_grad():
+                    stock.generate(x, 2, temperature=0)  # warm up the allocator and kernel choices
+                    packed.generate(x, 2, temperature=0)
+                    if hf is not None:
+                        hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False,
+                                    pad_token_id=0)
+                    for _ in range(cfg.rounds):  # alternate, so a slow spell hits every contender alike
+                        for k, fn in runs.items():
+                            t0 = time.perf_counter()
+                            out[k] = fn()
+                            best[k] = min(best[k], time.perf_counter() - t0)
+                r = {k: B * cfg.new_tokens / t for k, t in best.items()}
+                r['weights_gbs'] = wbytes * cfg.new_tokens / best['packed'] / 1e9
+                r['same'] = (out['packed'][:, T:] == out['hf'][:, T:]).float().mean().item() if hf is not None else None
+                rows[dtype, B, T] = r
+                hf_s = f"{r['hf']:>8.1f} {r['packed'] / r['hf']:>8.2f}x" if hf is not None else f"{'-':>8} {'-':>9}"
+                same = '-' if r['same'] is None else f"{r['same']:.0%}"
+                print(f"{dtype:<9} {B:>5} {T:>6} {r['stock']:>8.1f} {r['packed']:>8.1f} {hf_s} {r['weights_gbs']:>12.1f} "
+                      f"{r['weights_gbs'] * 1e9 / read_bw:>10.0%} {same:>11}", flush=True)
+    print("tokens/s: new tokens over the whole generate() call, prefill included. stock: model.generate with "
+          "PyTorch's Linear; packed: with sample.pack_linears, as sample.py runs on CPU; hf: transformers' generate(). "
+          "weights GB/s: bytes of weights one step reads x steps/s of packed, against the read bandwidth above")
+    f32, b16 = rows.get(('float32', 1, 16)), rows.get(('bfloat16', 1, 16))
+    if f32 and f32['hf']:
+        print(f"target fp32 batch 1 >= 1.1x transformers: {f32['packed'] / f32['hf']:.2f}x "
+              f"{'met' if f32['packed'] >= 1.1 * f32['hf'] else 'MISSED'}")
+    if f32:
+        frac = f32['weights_gbs'] * 1e9 / read_bw
+        print(f"target fp32 batch 1 >= 80% of read bandwidth: {frac:.0%} {'met' if frac >= 0.8 else 'MISSED'}")
+    if b16 and f32 and f32['hf']:
+        print(f"target bf16 batch 1 >= 1.8x transformers' fp32: {b16['packed'] / f32['hf']:.2f}x "
+              f"{'met' if b16['packed'] >= 1.8 * f32['hf'] else 'MISSED'}")
+    return rows
+
+
+BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode}
 
 
 def main(argv):

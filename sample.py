@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import types
 import unicodedata
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -60,6 +61,7 @@ class SampleConfig:
     device: str = 'auto'
     dtype: str = 'auto'              # float32 | bfloat16 | float16 | auto; weights are converted to it
     compile: bool = False            # torch.compile the model's forward
+    pack: bool = True                # CPU: pre-pack weights for oneDNN, 2-2.5x faster decoding (pack_linears)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,6 +106,26 @@ def hf_tokenizer(folder, model_type):
         pass
     return SimpleNamespace(encode=encode, decode=tok.decode, eos_id=eos, chat_template=tok.chat_template,
                            identity=f'hf:{os.path.abspath(folder)}')
+
+
+def packed_linear_forward(self, x):
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self.packed_weight, self.bias, 'none', [], '')
+    return y.view(*x.shape[:-1], y.size(-1))
+
+
+def pack_linears(model):
+    """CPU inference: copy every Linear's weight once into oneDNN's blocked layout and multiply with that.
+    Decoding reads all weights for each token, and the stock path (MKL's fp32 matrix-vector, unpacked bf16)
+    reaches a third of this machine's memory bandwidth; the packed one ~85%, so tokens/s rise 2-2.5x
+    (bench.py decode). The packed copies cost memory as large as the weights; no gradients flow through them."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')):
+        return model
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.device.type == 'cpu' and \
+                m.weight.dtype in (torch.float32, torch.bfloat16):
+            m.packed_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+            m.forward = types.MethodType(packed_linear_forward, m)
+    return model
 
 
 def load_model(init_from, device='cpu', dtype='float32'):
@@ -470,8 +492,10 @@ def main(argv):
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, tok = load_model(cfg.init_from, device, dtype)
-    if cfg.compile:
+    if cfg.compile:  # inductor packs the weights itself
         model.forward = torch.compile(model.forward, dynamic=True)
+    elif cfg.pack and device == 'cpu':
+        pack_linears(model)
     if cfg.eval_data or cfg.eval_mc:
         if model.config.model_type == 'bert':
             raise UserError("perplexity and multiple choice need a decoder (gpt or llama), not a bert encoder")

@@ -234,3 +234,19 @@ def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
             stdin='Hello\n')
     assert p.returncode == 0, p.stderr
     assert 'chatml format' in p.stdout
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_packed_linears_give_the_same_logits_and_tokens(dtype):
+    from model import ModelConfig, build_model
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model_type='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=97,
+                                    block_size=64)).eval().to(dtype)
+    x = torch.randint(0, 97, (2, 12))
+    logits, greedy = model(x)[0], model.generate(x, 20, temperature=0)
+    sample.pack_linears(model)
+    assert all(hasattr(m, 'packed_weight') for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(model(x)[0].float(), logits.float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert torch.equal(model.generate(x, 20, temperature=0), greedy)
