@@ -168,7 +168,7 @@ def cached_attention(q, k, v, mask):
     q = q.reshape(B, k.size(1), g * T, hs)  # head h uses kv head h // g, as repeat_interleave has it
     if mask is not None and g > 1:
         mask = mask.repeat(1, 1, g, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, nh, T, hs)
+    return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask).to(q.dtype).view(B, nh, T, hs)
 
 
 def cache_mask(pos, T, pad, device):
@@ -442,11 +442,12 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
 
 def setup_cache(model, batch_size, max_len, dtype=None):
     """Give every attention layer of a gpt/llama model a KV cache for batch_size rows of max_len positions;
-    batch_size=None removes them. dtype defaults to what the layers compute in (autocast's or the weights')."""
+    batch_size=None removes them. dtype defaults to float32 on CPU, elsewhere to what the layers compute in."""
     w = model.transformer.wte.weight
-    if dtype is None:
+    if dtype is None:  # float32 on CPU: its bf16 attention over a long cache is ~5x slower (bench.py decode)
         dev = w.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+        dtype = torch.float32 if dev == 'cpu' else torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) \
+            else w.dtype
     hs = model.config.n_embd // model.config.n_head
     for block in model.transformer.h:
         block.attn.kv_cache = None if batch_size is None else \
