@@ -351,13 +351,13 @@ def truncate_metrics(path, last_iter):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, dtype, mask_id=None):
-    """Mean loss, perplexity and token accuracy over eval_iters fixed val batches (the same ones every time,
-    so successive evaluations are comparable)."""
+def evaluate(model, batch, cfg, device, dtype):
+    """Mean loss, perplexity and token accuracy over eval_iters fixed val batches, batch('val', k, 0) -> (x, y)
+    (the same ones every time, so successive evaluations are comparable)."""
     model.eval()
     total_loss, correct, counted = 0.0, 0, 0
     for k in range(cfg.eval_iters):
-        x, y = get_batch(data, cfg, 'val', k, 0, device, mask_id)
+        x, y = batch('val', k, 0)
         with autocast(device, dtype):
             logits, loss = model(x, y)
         total_loss += loss.item()
@@ -387,38 +387,15 @@ def estimate_memory(model, cfg, dtype, vocab_size):
 # the training loop
 
 
-def train(cfg):
-    """Run training as cfg says. Returns the last evaluation dict (or None for a dry run)."""
-    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        import torch.distributed as dist
-        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-        if cfg.gradient_accumulation_steps % world:
-            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible "
-                            f"by the number of processes ({world})")
-        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-        if torch.cuda.is_available():
-            cfg.device = f'cuda:{local_rank}'
-            torch.cuda.set_device(cfg.device)
-    master = rank == 0
-    micro_steps = cfg.gradient_accumulation_steps // world  # this process's share of each iteration
-
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    if device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def lm_task(cfg, ckpt, device, master):
+    """What train() trains by default: a model built from cfg (or the checkpoint's architecture on resume) on a
+    prepare.py folder, next-token (or, for BERT, masked-token) prediction. Other scripts pass their own task
+    (finetune_lora.py): the same namespace of model, model_args, meta and batch(split, it, micro) -> (x, y)."""
     if cfg.init_from not in ('scratch', 'resume'):
         raise UserError(f"init_from must be scratch or resume, not '{cfg.init_from}'")
 
     # resume: the architecture comes from the checkpoint, the rest from this run's settings
-    ckpt = None
-    if cfg.init_from == 'resume':
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'))
+    if ckpt is not None:
         default = TrainConfig()
         for k in MODEL_KEYS:
             saved = ckpt['model_args'][k]
@@ -447,7 +424,7 @@ def train(cfg):
             raise UserError(f"the {split} split has {max(len(a) for a in data[split])} tokens, not more than "
                             f"block_size={cfg.block_size}; use a smaller --block_size or more data")
 
-    # model and optimizer
+    # model
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args['vocab_size'] = vocab_size
     try:
@@ -456,7 +433,40 @@ def train(cfg):
         raise UserError(str(e)) from None
     model_args = asdict(mconf)
     torch.manual_seed(cfg.seed)
-    model = build_model(mconf).to(device)
+    model = build_model(mconf)
+    return types.SimpleNamespace(model=model, model_args=model_args, meta=meta,
+                                 batch=lambda split, it, micro: get_batch(data, cfg, split, it, micro, device, mask_id))
+
+
+def train(cfg, task=None):
+    """Run training as cfg says, on task (default lm_task). Returns the last evaluation dict (None for a dry run)."""
+    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        import torch.distributed as dist
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if cfg.gradient_accumulation_steps % world:
+            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible "
+                            f"by the number of processes ({world})")
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        if torch.cuda.is_available():
+            cfg.device = f'cuda:{local_rank}'
+            torch.cuda.set_device(cfg.device)
+    master = rank == 0
+    micro_steps = cfg.gradient_accumulation_steps // world  # this process's share of each iteration
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resume = cfg.init_from == 'resume' or getattr(cfg, 'resume', False)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt')) if resume else None
+    run = (task or lm_task)(cfg, ckpt, device, master)
+    model, model_args, meta, batch = run.model.to(device), run.model_args, run.meta, run.batch
     model.grad_checkpoint = cfg.grad_checkpoint
     raw_model = model
     if cfg.fsdp:
@@ -505,15 +515,14 @@ def train(cfg):
         save_checkpoint({
             'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta,
+            'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta, **getattr(run, 'checkpoint_extra', {}),
             # batches and dropout are reseeded from (seed, iteration), so these are only for completeness
             'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()},
         }, path)
 
     def step(it):
         torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank)  # dropout depends on (seed, iteration, rank) only
-        batches = (get_batch(data, cfg, 'train', it, rank * micro_steps + micro, device, mask_id)
-                   for micro in range(micro_steps))
+        batches = (batch('train', it, rank * micro_steps + micro) for micro in range(micro_steps))
         # DDP all-reduces gradients once per iteration; FSDP reduce-scatters them at every micro-step
         loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip,
                           ddp and not cfg.fsdp)
@@ -523,7 +532,7 @@ def train(cfg):
         return loss
 
     if cfg.dry_run:
-        weights, acts = estimate_memory(raw_model, cfg, dtype, vocab_size)
+        weights, acts = estimate_memory(raw_model, cfg, dtype, model_args['vocab_size'])
         print(f"estimated memory: {(weights + acts) / 2**30:.2f} GiB (weights, grads and AdamW state "
               f"{weights / 2**30:.2f} GiB; activations of one micro-batch {acts / 2**30:.2f} GiB)")
         t0 = time.time()
@@ -570,7 +579,7 @@ def train(cfg):
 
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             t_eval = time.time()
-            result = evaluate(model, data, cfg, device, dtype, mask_id)
+            result = evaluate(model, batch, cfg, device, dtype)
             improved = result['val_loss'] < best_val_loss
             best_val_loss = min(best_val_loss, result['val_loss'])
             bad_evals = 0 if improved else bad_evals + 1
