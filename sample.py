@@ -12,6 +12,7 @@ init_from is a train.py out_dir (ckpt.pt), a Hugging Face model folder (config.j
 gpt2-xl, or hf:org/name (downloaded once into a cache). Text goes through the model's own tokenizer: the one
 prepare.py recorded for our checkpoints, tiktoken's GPT-2 encoding for GPT-2, tokenizer.json for the others.
 """
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,8 @@ def tiktoken_tokenizer(name):
     enc = tiktoken_encoding(name)
     return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
                            decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
-                           identity=f'tiktoken:{name}', chat_template=None)
+                           identity=json.dumps('tiktoken'), chat_template=None,
+                           meta={'kind': 'tiktoken', 'name': name})
 
 
 def meta_tokenizer(meta):
@@ -81,7 +83,8 @@ def meta_tokenizer(meta):
         return tiktoken_tokenizer(tok['name'])
     encode, decode = load_tokenizer(meta)
     eos = bpe_from_text(tok['model'], 'the checkpoint').eot_token if tok.get('kind') == 'bpe' else None
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=None,
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id', eos), meta=tok,
+                           chat_template=tok.get('chat_template'),
                            identity=json.dumps(tokenizer_identity(tok), sort_keys=True))
 
 
@@ -104,8 +107,11 @@ def hf_tokenizer(folder, model_type):
         encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
     except bpe.BPEError:
         pass
-    return SimpleNamespace(encode=encode, decode=tok.decode, eos_id=eos, chat_template=tok.chat_template,
-                           identity=f'hf:{os.path.abspath(folder)}')
+    text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
+    meta = {'kind': 'bpe', 'model': text, 'sha256': hashlib.sha256(text.encode()).hexdigest(), 'eos_id': eos,
+            'chat_template': tok.chat_template}
+    return SimpleNamespace(encode=encode, decode=tok.decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
+                           identity=json.dumps(tokenizer_identity(meta), sort_keys=True))
 
 
 def packed_linear_forward(self, x):

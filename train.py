@@ -464,7 +464,9 @@ def train(cfg, task=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume = cfg.init_from == 'resume' or getattr(cfg, 'resume', False)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt')) if resume else None
+    # finetune_lora.py keeps its training state beside the merged model it writes as ckpt.pt
+    state_path = os.path.join(cfg.out_dir, getattr(cfg, 'state_file', 'ckpt.pt'))
+    ckpt = load_checkpoint(state_path) if resume else None
     run = (task or lm_task)(cfg, ckpt, device, master)
     model, model_args, meta, batch = run.model.to(device), run.model_args, run.meta, run.batch
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -590,7 +592,9 @@ def train(cfg, task=None):
                       f"ppl {result['val_ppl']:.2f}, token accuracy {result['val_acc']:.3f}"
                       + ('' if improved else f" (best {best_val_loss:.4f})"))
             if improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop:
-                save(os.path.join(cfg.out_dir, 'ckpt.pt'))
+                save(state_path)
+                if master and hasattr(run, 'on_save'):
+                    run.on_save(raw_model)
             if stop:
                 if master:
                     print(f"early stop: no improvement in {bad_evals} evaluations")
