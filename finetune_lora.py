@@ -1,15 +1,33 @@
 """
-LoRA and QLoRA fine-tuning. (module docstring placeholder: the training driver and CLI come below the LoRA section)
-"""
-import dataclasses
-import math
-import re
+Fine-tune a pretrained or trained model: all weights, LoRA adapters, or QLoRA (4-bit NF4 base + adapters).
 
+    python finetune_lora.py --init_from=gpt2 --data=../shared/data/instruct/instruction-data.json --mode=lora
+    python finetune_lora.py config/lora_gpt2_instruct.py --mode=qlora --lora_targets=all
+    python finetune_lora.py --init_from=out-shakespeare-char --task=lm --data_dir=data/shakespeare_char --mode=full
+
+It builds the model and the batches and hands them to train.py's loop (AMP, gradient accumulation, evaluation,
+early stopping, exact resume with --resume=True, DDP under torchrun). At every checkpoint out_dir gets
+adapter.pt (the adapters alone, with their settings and a fingerprint of the base) and ckpt.pt, the merged
+model, which sample.py loads like any checkpoint.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from prepare import decode_file
 from quantize import NF4Linear
+from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer
+from train import TrainConfig, UserError, get_batch, load_data, parse_config, run_cli, save_checkpoint, train
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -206,3 +224,215 @@ def count_params(model):
     params = list(model.parameters())
     nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    init_from: str = 'gpt2'         # the base: a train.py out_dir, gpt2 .. gpt2-xl, hf:org/name, a HF folder
+    resume: bool = False            # continue this out_dir's run exactly (from out_dir/train_state.pt)
+    out_dir: str = 'out-finetune'
+    mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
+    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir)
+    data: str = ''                  # sft: JSON/JSONL of {instruction, input, output} or {messages: [...]}
+    template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
+    val_fraction: float = 0.1       # sft: examples held out for evaluation
+    pack: bool = False              # sft: fill each row with several examples (faster; they see each other)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = 'attn'      # attn | mlp | all | a regex over Linear names
+    nf4_block: int = 64
+    block_size: int = 0             # longest example in tokens; 0 = the model's context
+    max_iters: int = 200
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_iters: int = 10
+    batch_size: int = 8
+    state_file: str = 'train_state.pt'  # resumable training state; ckpt.pt is the merged model sample.py loads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# instruction data: a prompt template, loss on the response only
+
+ALPACA = ("Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+def read_records(path):
+    """A list of dicts from a JSON array or a JSONL file, with one-line errors that point at the bad line."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file '{path}' not found: give --data=FILE.json or .jsonl")
+    text, why = decode_file(path)
+    if text is None:
+        raise UserError(f"data file '{path}' {why}: give a JSON or JSONL file")
+    if text.lstrip().startswith('['):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path} must hold JSON objects (one per line, or an array of them), and at least one")
+    return records
+
+
+def sft_texts(rec, template, style, where):
+    """(prompt, response) of one record: Alpaca/Dolly fields, or chat messages ending with the assistant's."""
+    if 'messages' in rec:
+        msgs = rec['messages']
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and 'role' in m and 'content' in m
+                                                       for m in msgs) and msgs[-1]['role'] == 'assistant'):
+            raise UserError(f"{where}: messages must be a list of {{role, content}} ending with the assistant's")
+        return chat_prompt(msgs[:-1], style), msgs[-1]['content'] + CHAT_STYLES[style][1]
+    instruction = rec.get('instruction')
+    output = rec.get('output', rec.get('response'))
+    if not isinstance(instruction, str) or not isinstance(output, str):
+        raise UserError(f"{where}: expected 'instruction' and 'output' (or 'response') strings, or 'messages'; "
+                        f"found keys {sorted(rec)}")
+    extra = rec.get('input') or rec.get('context') or ''
+    if template == 'chat':
+        user = instruction + ('\n\n' + extra if extra else '')
+        return chat_prompt([{'role': 'user', 'content': user}], style), output + CHAT_STYLES[style][1]
+    return ALPACA.format(paired=', paired with an input that provides further context' if extra else '',
+                         instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else ''), output
+
+
+def encode_sft(records, tok, block_size, template, style, path):
+    """Token ids and targets per example: targets are -100 on the prompt, so only the response is learned.
+    Examples longer than block_size + 1 tokens lose the end of their response; a prompt that alone fills the
+    context leaves nothing to learn and is dropped (counted)."""
+    eos = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [None])[0]
+    out, dropped = [], 0
+    for n, rec in enumerate(records, 1):
+        prompt, response = sft_texts(rec, template, style, f"{path} record {n}")
+        p, r = tok.encode(prompt), tok.encode(response) + ([eos] if eos is not None else [])
+        ids = (p + r)[:block_size + 1]
+        if len(p) >= len(ids):
+            dropped += 1
+            continue
+        out.append((ids, [-100] * (len(p) - 1) + ids[len(p):]))  # target j is ids[j + 1]
+    return out, dropped
+
+
+def pack_examples(examples, block_size):
+    """Several examples per row, up to block_size + 1 tokens, targets kept: fewer pad tokens, faster steps."""
+    rows, ids, tgt = [], [], []
+    for x, y in examples:
+        if ids and len(ids) + len(x) > block_size + 1:
+            rows.append((ids, tgt))
+            ids, tgt = [], []
+        tgt = tgt + ([-100] if ids else []) + y  # the first token of an example is not predicted from the last
+        ids = ids + x
+    return rows + ([(ids, tgt)] if ids else [])
+
+
+def sft_batch(examples, cfg, split, it, micro, device, pad_id):
+    """(x, y) of batch_size examples drawn by (seed, split, it, micro) alone, so a resumed run sees the same
+    batches; padded on the right to the longest, with pad targets -100."""
+    rng = np.random.default_rng([cfg.seed, split == 'val', it, micro])
+    chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
+    T = max(len(ids) for ids, _ in chosen) - 1
+    x = torch.full((cfg.batch_size, T), pad_id, dtype=torch.long)
+    y = torch.full((cfg.batch_size, T), -100, dtype=torch.long)
+    for i, (ids, tgt) in enumerate(chosen):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(tgt)] = torch.tensor(tgt)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the task train.train runs, and what is saved at each checkpoint
+
+def make_task(cfg):
+    """train.train's task: the base model with adapters (or all weights trainable), its tokenizer, the data."""
+    def task(_cfg, ckpt, device, master):
+        model, tok = load_model(cfg.init_from, 'cpu', 'float32')
+        if model.config.model_type == 'bert':
+            raise UserError(f"task={cfg.task} needs a decoder (gpt or llama); '{cfg.init_from}' is a bert encoder")
+        cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
+        fingerprint = base_fingerprint(model)
+        if cfg.mode not in ('full', 'lora', 'qlora'):
+            raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
+        if cfg.mode != 'full':
+            torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every run
+            try:
+                apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           qlora=cfg.mode == 'qlora', block_size=cfg.nf4_block)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        trainable, total = count_params(model)
+        if master:
+            print(f"{cfg.mode}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+        meta = {'tokenizer': tok.meta, 'vocab_size': model.config.vocab_size}
+        pad = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [0])[0]
+        if cfg.task == 'sft':
+            train_ex, val_ex = sft_data(cfg, tok, master)
+            batch = lambda split, it, micro: sft_batch(train_ex if split == 'train' else val_ex, cfg, split,  # noqa: E731
+                                                       it, micro, device, pad)
+        elif cfg.task == 'lm':
+            data_meta, data = load_data(cfg.data_dir)
+            if meta_tokenizer(data_meta).identity != tok.identity:
+                raise UserError(f"'{cfg.data_dir}' was not tokenized with this model's tokenizer: prepare it with "
+                                f"the same tokenizer (e.g. --tokenizer=gpt2 for GPT-2)")
+            batch = lambda split, it, micro: get_batch(data, cfg, split, it, micro, device)  # noqa: E731
+        else:
+            raise UserError(f"task must be sft or lm, not '{cfg.task}'")
+
+        def on_save(m):
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if cfg.mode != 'full':
+                save_checkpoint({'lora': lora_state_dict(m), 'lora_config': m.lora_config, 'fingerprint': fingerprint,
+                                 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'adapter.pt'))
+            merged = copy.deepcopy(m) if cfg.mode != 'full' else m
+            if cfg.mode != 'full':
+                merge_lora(merged)  # in place, on the copy: training goes on with the adapters
+            save_checkpoint({'model': merged.state_dict(), 'model_args': asdict(merged.config), 'meta': meta,
+                             'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+        return SimpleNamespace(model=model, model_args=asdict(model.config), meta=meta, batch=batch, on_save=on_save)
+    return task
+
+
+def sft_data(cfg, tok, master):
+    """Train and held-out examples from cfg.data, split by a seeded shuffle."""
+    records = read_records(cfg.data)
+    style = chat_style(tok)
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    n_val = max(1, int(len(records) * cfg.val_fraction)) if len(records) > 1 else 0
+    val, dropped_v = encode_sft([records[i] for i in order[:n_val]], tok, cfg.block_size, cfg.template, style, cfg.data)
+    train, dropped_t = encode_sft([records[i] for i in order[n_val:]], tok, cfg.block_size, cfg.template, style,
+                                  cfg.data)
+    if not train:
+        raise UserError(f"{cfg.data}: no training examples fit in block_size={cfg.block_size} tokens")
+    if master:
+        print(f"sft: {len(train)} train / {len(val)} held-out examples ({cfg.template} template)"
+              + (f"; {dropped_t + dropped_v} dropped: the prompt alone fills the context" if dropped_t + dropped_v else ''))
+    if cfg.pack:
+        train = pack_examples(train, cfg.block_size)
+    return train, val or train
+
+
+def main(argv):
+    cfg = parse_config(FinetuneConfig, argv)
+    if cfg.task == 'sft' and not cfg.data:
+        raise UserError("task=sft needs --data=FILE.json or .jsonl of {instruction, input, output} records")
+    if cfg.fsdp:
+        raise UserError("finetune_lora.py runs single-process or DDP (torchrun); fsdp=True is for train.py")
+    train(cfg, make_task(cfg))
+
+
+if __name__ == '__main__':
+    run_cli(main)

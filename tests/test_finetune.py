@@ -1,0 +1,100 @@
+"""finetune_lora.py end to end: instruction tuning learns, only the response is trained on, the merged model
+is what sample.py loads, and a resumed run is exact."""
+import json
+import os
+
+import pytest
+import torch
+
+import finetune_lora
+import sample
+from conftest import shared_file
+from train import UserError
+
+transformers = pytest.importorskip('transformers')
+
+
+@pytest.fixture(autouse=True)
+def tiktoken_cache(monkeypatch):
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', shared_file('tiktoken_cache'))
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+    """A tiny GPT-2 in a Hugging Face folder: tiktoken's GPT-2 encoding, 50257 tokens."""
+    folder = tmp_path_factory.mktemp('base')
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256,
+                                                                      initializer_range=0.3)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope='module')
+def instruct(tmp_path_factory):
+    records = json.load(open(shared_file('instruct', 'instruction-data.json')))[:12]
+    path = tmp_path_factory.mktemp('data') / 'small.json'
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def args(base, data, out, **kw):
+    a = dict(init_from=base, data=data, out_dir=out, max_iters=30, eval_interval=10, eval_iters=2, batch_size=4,
+             learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, block_size=128, dtype='float32', device='cpu',
+             log_interval=5, val_fraction=0.25)
+    a.update(kw)
+    return [f'--{k}={v}' for k, v in a.items()]
+
+
+def losses(out, key='loss'):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [r[key] for r in map(json.loads, f) if key in r]
+
+
+def test_response_only_targets():
+    tok = sample.tiktoken_tokenizer('gpt2')
+    rec = {'instruction': 'Say hi.', 'input': '', 'output': 'Hi there.'}
+    (ids, tgt), = finetune_lora.encode_sft([rec], tok, 256, 'alpaca', 'plain', 'x')[0]
+    prompt, response = finetune_lora.sft_texts(rec, 'alpaca', 'plain', 'x')
+    p = tok.encode(prompt)
+    assert ids == p + tok.encode(response) + [tok.eos_id]
+    assert len(tgt) == len(ids) - 1
+    for j, t in enumerate(tgt):  # target j predicts ids[j + 1]: masked exactly while that is a prompt token
+        assert t == (-100 if j + 1 < len(p) else ids[j + 1])
+
+
+@pytest.mark.parametrize('mode', ['lora', 'qlora', 'full'])
+def test_sft_learns_and_merged_checkpoint_samples(base, instruct, tmp_path, mode):
+    out = str(tmp_path / mode)
+    finetune_lora.main(args(base, instruct, out, mode=mode, lora_targets='all', max_iters=60, eval_interval=30))
+    train_losses = losses(out)
+    assert train_losses[-1] < 0.75 * train_losses[0]  # it overfits a dozen examples
+    model, tok = sample.load_model(out)  # the merged model, as any checkpoint
+    assert not any('lora' in n for n, _ in model.named_parameters())
+    if mode != 'full':
+        assert os.path.getsize(os.path.join(out, 'adapter.pt')) < os.path.getsize(os.path.join(out, 'ckpt.pt')) / 4
+
+
+def test_resume_is_exact(base, instruct, tmp_path):
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    finetune_lora.main(args(base, instruct, a, max_iters=10, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10))
+    finetune_lora.main(args(base, instruct, b, max_iters=5, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10))
+    finetune_lora.main(args(base, instruct, b, max_iters=10, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10, resume=True))
+    sa = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)['model']
+    sb = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=False)['model']
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize('records,message', [
+    ([{'question': 'a', 'answer': 'b'}], "expected 'instruction' and 'output'"),
+    ([{'messages': [{'role': 'user', 'content': 'a'}]}], 'ending with the assistant'),
+])
+def test_bad_data_is_a_clear_error(base, tmp_path, records, message):
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(records * 4))
+    with pytest.raises(UserError, match=message):
+        finetune_lora.main(args(base, str(path), str(tmp_path / 'o')))
+
+
+def test_target_pattern_that_matches_nothing(base, instruct, tmp_path):
+    with pytest.raises(UserError, match="'no_such_layer'.*matches no Linear; Linears are e.g. transformer.h.0.attn.qkv"):
+        finetune_lora.main(args(base, instruct, str(tmp_path / 'o'), lora_targets='no_such_layer'))
