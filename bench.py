@@ -26,6 +26,11 @@ and of the tiktoken export.
 sample.pack_linears (oneDNN-packed weights, what sample.py uses on CPU) against transformers' generate() on the
 same weights (exported with save_pretrained), at batch 1 and 8 and prompts of 16 and 512 tokens, in float32
 and bfloat16 weights; and the weight bytes read per second against this machine's measured memory bandwidth.
+
+    python bench.py finetune                                 # full vs LoRA vs QLoRA vs peft, GPT-2 124M shape
+
+`finetune` times optimizer steps of finetune_lora.py's full, LoRA (r=8) and QLoRA modes and of the peft
+library's LoRA on transformers' GPT-2 (pip install peft), each in a fresh process for its peak memory.
 """
 import copy
 import glob
@@ -496,12 +501,114 @@ def bench_decode(argv):
     return rows
 
 
-BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode}
+# ----------------------------------------------------------------------------------------------------------
+# finetune: full vs LoRA vs QLoRA (finetune_lora.py) and peft's LoRA on the same transformers model
+
+
+@dataclass
+class FinetuneBenchConfig:
+    n_layer: int = 12            # GPT-2 124M
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 256
+    batch_size: int = 4
+    steps: int = 5
+    warmup: int = 2
+    lora_r: int = 8
+    lora_targets: str = 'all'    # attention and MLP matrices (peft: c_attn, c_proj, c_fc)
+    dtype: str = 'bfloat16'      # autocast dtype; weights and adapters stay float32 (QLoRA's base: NF4)
+    variants: str = 'full,lora,qlora,peft'
+    num_threads: int = 0
+
+
+def finetune_worker(cfg, variant):
+    """Time cfg.steps optimizer steps of one variant in this process; print one JSON line."""
+    from finetune_lora import apply_lora, count_params
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.manual_seed(0)
+    if variant == 'peft':
+        import peft
+        import transformers
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                                                           target_modules=['c_attn', 'c_proj', 'c_fc'],
+                                                           fan_in_fan_out=True))
+        run = lambda x, y: model(input_ids=x, labels=y).loss  # noqa: E731
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        model = build_model(ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                        vocab_size=cfg.vocab_size, block_size=cfg.block_size))
+        if variant != 'full':
+            apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=2 * cfg.lora_r, qlora=variant == 'qlora')
+        run = lambda x, y: model(x, y)[1]  # noqa: E731
+        trainable = count_params(model)[0]
+    model.train()
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                       list(model.parameters()) + list(model.buffers())}.values())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for it in range(cfg.warmup + cfg.steps):
+        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=g)
+        t0 = time.perf_counter()
+        with autocast('cpu', cfg.dtype):
+            loss = run(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if it >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    print(json.dumps({'step': statistics.median(times), 'peak_bytes': peak, 'weight_bytes': weight_bytes,
+                      'trainable': trainable}))
+
+
+def bench_finetune(argv):
+    cfg = parse_config(FinetuneBenchConfig, argv)
+    variants = cfg.variants.split(',')
+    print(f"bench finetune: GPT-2 shape {cfg.n_layer}L {cfg.n_embd}C vocab {cfg.vocab_size}, batch {cfg.batch_size} x "
+          f"{cfg.block_size}, {cfg.dtype} autocast, LoRA r={cfg.lora_r} on {cfg.lora_targets}, median of {cfg.steps} "
+          f"steps, each variant in a fresh process (peak memory: resident set growth after imports)")
+    rows = {}
+    for v in variants:
+        args = [f'--{k}={val}' for k, val in asdict(cfg).items()]
+        p = subprocess.run([sys.executable, __file__, '_finetune_worker', v, *args], capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f'error: the {v} worker failed:\n{p.stderr[-2000:]}')
+        rows[v] = json.loads(p.stdout.strip().splitlines()[-1])
+    full = rows.get('full')
+    print(f"{'variant':<8} {'trainable':>12} {'ms/step':>9} {'peak MiB':>9} {'weights MiB':>12} {'peak vs full':>13} "
+          f"{'weights vs full':>16}")
+    for v, r in rows.items():
+        rel = (f"{r['peak_bytes'] / full['peak_bytes']:>12.0%} {r['weight_bytes'] / full['weight_bytes']:>16.0%}"
+               if full else '')
+        print(f"{v:<8} {r['trainable']:>12,} {1000 * r['step']:>9.0f} {r['peak_bytes'] / 2**20:>9,.0f} "
+              f"{r['weight_bytes'] / 2**20:>12,.0f} {rel}")
+    if full and 'lora' in rows:
+        x = rows['lora']['peak_bytes'] / full['peak_bytes']
+        print(f"target LoRA peak memory <= 60% of full: {x:.0%} {'met' if x <= 0.6 else 'MISSED'}")
+    if full and 'qlora' in rows:
+        x = rows['qlora']['weight_bytes'] / full['weight_bytes']
+        print(f"target QLoRA weight memory <= 30% of fp32: {x:.0%} {'met' if x <= 0.3 else 'MISSED'}")
+    if 'lora' in rows and 'peft' in rows:
+        x = rows['lora']['step'] / rows['peft']['step']
+        print(f"target LoRA step time <= peft's: {x:.2f}x {'met' if x <= 1 else 'MISSED'}")
+    return rows
+
+
+BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune}
 
 
 def main(argv):
     if argv[:1] == ['_train_worker']:
         return train_worker(parse_config(BenchConfig, argv[1:]))
+    if argv[:1] == ['_finetune_worker']:
+        return finetune_worker(parse_config(FinetuneBenchConfig, argv[2:]), argv[1])
     if not argv or argv[0] not in BENCHES:
         sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [config.py] [--key=value ...]")
     BENCHES[argv[0]](argv[1:])
