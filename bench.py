@@ -524,7 +524,7 @@ class FinetuneBenchConfig:
 
 def finetune_worker(cfg, variant):
     """Time cfg.steps optimizer steps of one variant in this process; print one JSON line."""
-    from finetune_lora import apply_lora, count_params
+    from finetune_lora import apply_lora, count_params, frozen_to
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -545,6 +545,7 @@ def finetune_worker(cfg, variant):
                                         vocab_size=cfg.vocab_size, block_size=cfg.block_size))
         if variant != 'full':
             apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=2 * cfg.lora_r, qlora=variant == 'qlora')
+            frozen_to(model, cfg.dtype)  # as finetune_lora.py does
         run = lambda x, y: model(x, y)[1]  # noqa: E731
         trainable = count_params(model)[0]
     model.train()

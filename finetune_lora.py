@@ -27,7 +27,8 @@ from torch.nn import functional as F
 from prepare import decode_file
 from quantize import NF4Linear
 from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer
-from train import TrainConfig, UserError, get_batch, load_data, parse_config, run_cli, save_checkpoint, train
+from train import (TrainConfig, UserError, get_batch, load_data, parse_config, resolve_dtype, run_cli,
+                   save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -63,12 +64,12 @@ class LoRALinear(nn.Module):
 
     def merge(self):
         """A plain nn.Linear with weight W + scaling * B @ A: the same outputs with one matmul instead of three.
-        An NF4 base is dequantized and the merged layer is fp32; a plain base keeps its dtype."""
+        The merged layer is fp32 (an NF4 base is dequantized)."""
         if isinstance(self.base, NF4Linear):
             lin = self.base.to_linear()
-        else:
+        else:  # fp32 even over a bf16 base: a small update added in bf16 would be rounded away
             lin = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                            device=self.base.weight.device, dtype=self.base.weight.dtype)
+                            device=self.base.weight.device, dtype=torch.float32)
             with torch.no_grad():
                 lin.weight.copy_(self.base.weight)
                 if self.base.bias is not None:
@@ -374,6 +375,8 @@ def make_task(cfg):
                            qlora=cfg.mode == 'qlora', block_size=cfg.nf4_block)
             except ValueError as e:
                 raise UserError(str(e)) from None
+        if cfg.mode != 'full':
+            frozen_to(model, resolve_dtype(cfg.dtype, device))
         trainable, total = count_params(model)
         if master:
             print(f"{cfg.mode}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
@@ -404,6 +407,16 @@ def make_task(cfg):
                              'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
         return SimpleNamespace(model=model, model_args=asdict(model.config), meta=meta, batch=batch, on_save=on_save)
     return task
+
+
+def frozen_to(model, dtype):
+    """Keep the frozen base weights in the autocast dtype (bf16/fp16): they get no updates, so fp32 master copies
+    buy nothing, and autocast then need not keep casted copies of them either. About half of LoRA's memory."""
+    if dtype in ('bfloat16', 'float16'):
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(getattr(torch, dtype))
+    return model
 
 
 def sft_data(cfg, tok, master):

@@ -122,3 +122,14 @@ def test_lm_task_on_our_own_checkpoint(char_data, tmp_path):
     assert losses(out, 'val_loss')[-1] < before  # adapters on attention alone keep improving it
     model, tok = sample.load_model(out)
     assert tok.decode(model.generate([tok.encode('ROMEO:')], 5, temperature=0)[0]).startswith('ROMEO:')
+
+
+def test_bf16_run_keeps_the_frozen_base_in_bf16_and_merges_in_fp32(base, instruct, tmp_path):
+    out = str(tmp_path / 'bf16')
+    finetune_lora.main(args(base, instruct, out, dtype='bfloat16', max_iters=40, eval_interval=20))
+    assert losses(out)[-1] < 0.85 * losses(out)[0]
+    state = torch.load(os.path.join(out, 'train_state.pt'), weights_only=False)['model']
+    assert state['transformer.wte.weight'].dtype == torch.bfloat16  # frozen: no fp32 master copy
+    assert state['transformer.h.0.attn.qkv.lora_A'].dtype == torch.float32
+    merged = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
+    assert merged['transformer.h.0.attn.qkv.weight'].dtype == torch.float32
