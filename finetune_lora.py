@@ -11,6 +11,7 @@ adapter.pt (the adapters alone, with their settings and a fingerprint of the bas
 model, which sample.py loads like any checkpoint.
 """
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -27,8 +28,8 @@ from torch.nn import functional as F
 from prepare import decode_file
 from quantize import NF4Linear
 from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer
-from train import (TrainConfig, UserError, get_batch, load_data, parse_config, resolve_dtype, run_cli,
-                   save_checkpoint, train)
+from train import (TrainConfig, UserError, get_batch, load_data, parse_config, resolve_device, resolve_dtype,
+                   run_cli, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -237,11 +238,13 @@ class FinetuneConfig(TrainConfig):
     resume: bool = False            # continue this out_dir's run exactly (from out_dir/train_state.pt)
     out_dir: str = 'out-finetune'
     mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
-    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir)
+    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify (bert)
     data: str = ''                  # sft: JSON/JSONL of {instruction, input, output} or {messages: [...]}
     template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
     val_fraction: float = 0.1       # sft: examples held out for evaluation
     pack: bool = False              # sft: fill each row with several examples (faster; they see each other)
+    text_field: str = 'text'        # classify: CSV/JSONL columns of the text and its label
+    label_field: str = 'label'
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -362,9 +365,16 @@ def make_task(cfg):
     """train.train's task: the base model with adapters (or all weights trainable), its tokenizer, the data."""
     def task(_cfg, ckpt, device, master):
         model, tok = load_model(cfg.init_from, 'cpu', 'float32')
-        if model.config.model_type == 'bert':
-            raise UserError(f"task={cfg.task} needs a decoder (gpt or llama); '{cfg.init_from}' is a bert encoder")
         cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
+        if (model.config.model_type == 'bert') != (cfg.task == 'classify'):
+            need = 'a bert model (decoders do not classify yet)' if cfg.task == 'classify' else 'a gpt or llama model'
+            raise UserError(f"task={cfg.task} needs {need}; '{cfg.init_from}' is {model.config.model_type}")
+        if cfg.task == 'classify':
+            examples, labels = classify_data(cfg, tok)
+            if model.classifier is None or model.classifier.out_features != len(labels):  # a new head
+                torch.manual_seed(cfg.seed)
+                model.classifier = nn.Linear(model.config.n_embd, len(labels))
+                model.config.num_labels = len(labels)
         fingerprint = base_fingerprint(model)
         if cfg.mode not in ('full', 'lora', 'qlora'):
             raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
@@ -372,7 +382,8 @@ def make_task(cfg):
             torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every run
             try:
                 apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           qlora=cfg.mode == 'qlora', block_size=cfg.nf4_block)
+                           qlora=cfg.mode == 'qlora', block_size=cfg.nf4_block,
+                           train_extra=('pooler', 'classifier') if cfg.task == 'classify' else ())
             except ValueError as e:
                 raise UserError(str(e)) from None
         if cfg.mode != 'full':
@@ -392,10 +403,15 @@ def make_task(cfg):
                 raise UserError(f"'{cfg.data_dir}' was not tokenized with this model's tokenizer: prepare it with "
                                 f"the same tokenizer (e.g. --tokenizer=gpt2 for GPT-2)")
             batch = lambda split, it, micro: get_batch(data, cfg, split, it, micro, device)  # noqa: E731
+        elif cfg.task == 'classify':
+            meta['labels'] = labels
+            batch = lambda split, it, micro: classify_batch(examples[split], cfg, split, it, micro, device)  # noqa: E731
+            model = ClassifierLoss(model)
         else:
-            raise UserError(f"task must be sft or lm, not '{cfg.task}'")
+            raise UserError(f"task must be sft, lm or classify, not '{cfg.task}'")
 
         def on_save(m):
+            m = getattr(m, 'model', m)  # the model inside ClassifierLoss
             os.makedirs(cfg.out_dir, exist_ok=True)
             if cfg.mode != 'full':
                 save_checkpoint({'lora': lora_state_dict(m), 'lora_config': m.lora_config, 'fingerprint': fingerprint,
@@ -405,7 +421,8 @@ def make_task(cfg):
                 merge_lora(merged)  # in place, on the copy: training goes on with the adapters
             save_checkpoint({'model': merged.state_dict(), 'model_args': asdict(merged.config), 'meta': meta,
                              'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
-        return SimpleNamespace(model=model, model_args=asdict(model.config), meta=meta, batch=batch, on_save=on_save)
+        return SimpleNamespace(model=model, model_args=asdict(getattr(model, 'model', model).config), meta=meta,
+                               batch=batch, on_save=on_save)
     return task
 
 
@@ -417,6 +434,69 @@ def frozen_to(model, dtype):
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(getattr(torch, dtype))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# classification: text and label columns, BERT's pooled [CLS] position and classifier
+
+class ClassifierLoss(nn.Module):
+    """model(x, labels) -> (class logits, loss) for train.py's loop; x holds -1 where a row is padding."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, x, labels=None):
+        return self.model.classify(x.clamp(min=0), labels, attention_mask=x >= 0)
+
+
+def classify_data(cfg, tok):
+    """{'train': [(ids, label)], 'val': [...]} and the sorted label names, from a CSV or JSON/JSONL file."""
+    if cfg.data.endswith('.csv'):
+        if not os.path.isfile(cfg.data):
+            raise UserError(f"data file '{cfg.data}' not found")
+        with open(cfg.data, newline='', encoding='utf-8', errors='replace') as f:
+            records = list(csv.DictReader(f))
+    else:
+        records = read_records(cfg.data)
+    for n, r in enumerate(records, 1):
+        if cfg.text_field not in r or cfg.label_field not in r:
+            raise UserError(f"{cfg.data} record {n} has no '{cfg.text_field}' and '{cfg.label_field}' (found "
+                            f"{sorted(r)}): set --text_field and --label_field")
+    labels = sorted({str(r[cfg.label_field]) for r in records})
+    if len(labels) < 2:
+        raise UserError(f"{cfg.data}: the label column '{cfg.label_field}' has one class ({labels}); "
+                        f"classification needs at least two")
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    n_val = max(1, int(len(records) * cfg.val_fraction))
+    ex = [(tok.encode(str(records[i][cfg.text_field]))[:cfg.block_size] or [0],
+           labels.index(str(records[i][cfg.label_field]))) for i in order]
+    return {'val': ex[:n_val], 'train': ex[n_val:] or ex[:n_val]}, labels
+
+
+def classify_batch(examples, cfg, split, it, micro, device):
+    """(x, labels): batch_size examples drawn by (seed, split, it, micro), x padded with -1 on the right."""
+    rng = np.random.default_rng([cfg.seed, split == 'val', it, micro])
+    chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
+    x = torch.full((cfg.batch_size, max(len(ids) for ids, _ in chosen)), -1, dtype=torch.long)
+    for i, (ids, _) in enumerate(chosen):
+        x[i, :len(ids)] = torch.tensor(ids)
+    return x.to(device), torch.tensor([label for _, label in chosen], device=device)
+
+
+@torch.no_grad()
+def classify_report(model, examples, labels, device):
+    """Accuracy and macro-F1 (F1 per class, averaged, so rare classes count as much as common ones)."""
+    model.eval()
+    pred = [model.classify(torch.tensor([ids], device=device))[0].argmax(-1).item() for ids, _ in examples]
+    gold = [label for _, label in examples]
+    f1 = []
+    for c in range(len(labels)):
+        tp = sum(p == g == c for p, g in zip(pred, gold))
+        fp, fn = sum(p == c != g for p, g in zip(pred, gold)), sum(g == c != p for p, g in zip(pred, gold))
+        f1.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return {'accuracy': sum(p == g for p, g in zip(pred, gold)) / len(gold), 'macro_f1': sum(f1) / len(f1),
+            'n': len(gold)}
 
 
 def sft_data(cfg, tok, master):
@@ -444,7 +524,16 @@ def main(argv):
         raise UserError("task=sft needs --data=FILE.json or .jsonl of {instruction, input, output} records")
     if cfg.fsdp:
         raise UserError("finetune_lora.py runs single-process or DDP (torchrun); fsdp=True is for train.py")
+    if cfg.task == 'classify' and not cfg.data:
+        raise UserError("task=classify needs --data=FILE.csv or .jsonl with text and label columns")
     train(cfg, make_task(cfg))
+    if cfg.task == 'classify':  # the held-out figures of the saved (merged) model
+        model, tok = load_model(cfg.out_dir, resolve_device(cfg.device), 'float32')
+        examples, labels = classify_data(cfg, tok)
+        report = classify_report(model, examples['val'], labels, model.classifier.weight.device)
+        print(f"held-out: accuracy {report['accuracy']:.2%}, macro-F1 {report['macro_f1']:.3f} over {report['n']} examples")
+        with open(os.path.join(cfg.out_dir, 'eval.json'), 'w') as f:
+            json.dump({**report, 'labels': labels}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -133,3 +133,41 @@ def test_bf16_run_keeps_the_frozen_base_in_bf16_and_merges_in_fp32(base, instruc
     assert state['transformer.h.0.attn.qkv.lora_A'].dtype == torch.float32
     merged = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
     assert merged['transformer.h.0.attn.qkv.weight'].dtype == torch.float32
+
+
+@pytest.fixture(scope='module')
+def bert_base(char_data, tmp_path_factory):
+    import train
+    out = str(tmp_path_factory.mktemp('bert'))
+    train.main([f'--data_dir={char_data}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=64',
+                '--block_size=64', '--batch_size=8', '--max_iters=20', '--eval_interval=20', '--eval_iters=2',
+                '--device=cpu', '--model_type=bert', '--dtype=float32'])
+    return out
+
+
+@pytest.mark.parametrize('mode', ['lora', 'full'])
+def test_bert_classification_learns_a_separable_task(bert_base, tmp_path, mode):
+    import random
+    rnd = random.Random(0)
+    words = {'pos': ['good', 'fair', 'sweet', 'gentle'], 'neg': ['foul', 'vile', 'base', 'cruel']}
+    rows = [(' '.join(rnd.choice(words[lab]) for _ in range(6)), lab) for lab in ('pos', 'neg') for _ in range(60)]
+    path = tmp_path / 'reviews.csv'
+    path.write_text('review,sentiment\n' + ''.join(f'{t},{lab}\n' for t, lab in rows))
+    out = str(tmp_path / mode)
+    finetune_lora.main([f'--init_from={bert_base}', '--task=classify', f'--data={path}', '--text_field=review',
+                        '--label_field=sentiment', f'--out_dir={out}', f'--mode={mode}', '--lora_targets=all',
+                        '--max_iters=60', '--eval_interval=20', '--eval_iters=2', '--batch_size=16',
+                        '--learning_rate=2e-3', '--warmup_iters=5', '--weight_decay=0.0', '--lora_dropout=0.0', '--device=cpu', '--dtype=float32', '--val_fraction=0.2'])
+    report = json.load(open(os.path.join(out, 'eval.json')))
+    assert report['labels'] == ['neg', 'pos'] and report['n'] == 24
+    assert report['accuracy'] >= 0.9 and report['macro_f1'] >= 0.9
+
+
+def test_classification_errors(bert_base, tmp_path):
+    path = tmp_path / 'one.csv'
+    path.write_text('text,label\ngood,pos\nfair,pos\n')
+    with pytest.raises(UserError, match="has one class"):
+        finetune_lora.main([f'--init_from={bert_base}', '--task=classify', f'--data={path}', '--device=cpu'])
+    path.write_text('text,kind\ngood,pos\nbad,neg\n')
+    with pytest.raises(UserError, match="no 'text' and 'label'"):
+        finetune_lora.main([f'--init_from={bert_base}', '--task=classify', f'--data={path}', '--device=cpu'])
