@@ -102,10 +102,11 @@ def test_target_pattern_that_matches_nothing(base, instruct, tmp_path):
         finetune_lora.main(args(base, instruct, str(tmp_path / 'o'), lora_targets='no_such_layer'))
 
 
-@pytest.mark.parametrize('path', ['config/lora_gpt2_instruct.py', 'config/qlora_smollm_instruct.py'])
+@pytest.mark.parametrize('path', ['config/lora_gpt2_instruct.py', 'config/qlora_smollm_instruct.py',
+                                  'config/bert_classify.py'])
 def test_example_configs_parse(path):
     cfg = finetune_lora.parse_config(finetune_lora.FinetuneConfig, [os.path.join(REPO, path)])
-    assert cfg.mode in ('lora', 'qlora') and cfg.task == 'sft'
+    assert cfg.mode in ('lora', 'qlora') and cfg.task in ('sft', 'classify')
 
 
 def test_lm_task_on_our_own_checkpoint(char_data, tmp_path):
