@@ -159,8 +159,14 @@ def load_model(init_from, device='cpu', dtype='float32'):
 # ----------------------------------------------------------------------------------------------------------
 # turning tokens into text
 
+def unescape(text):
+    r"""'\n' and '\t' typed on a command line or in a .txt line as the characters (other text, accents included,
+    stays as it is)."""
+    return text.replace('\\n', '\n').replace('\\t', '\t')
+
+
 def stop_strings(cfg):
-    return [cfg.stop.encode('utf-8').decode('unicode_escape')] if cfg.stop else []
+    return [unescape(cfg.stop)] if cfg.stop else []
 
 
 def stream_text(steps, tok, stop=(), row=0):
@@ -285,7 +291,7 @@ def read_prompts(path):
         if not line.strip():
             continue
         if not path.endswith('.jsonl'):
-            prompts.append(line.replace('\\n', '\n'))
+            prompts.append(unescape(line))
             continue
         try:
             rec = json.loads(line)

@@ -250,3 +250,8 @@ def test_packed_linears_give_the_same_logits_and_tokens(dtype):
     assert torch.allclose(model(x)[0].float(), logits.float(), atol=tol, rtol=tol)
     if dtype == torch.float32:
         assert torch.equal(model.generate(x, 20, temperature=0), greedy)
+
+
+def test_stop_strings_keep_accents_and_read_escapes():
+    cfg = sample.SampleConfig(stop='Roméo\\n')
+    assert sample.stop_strings(cfg) == ['Roméo\n']
