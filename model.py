@@ -38,7 +38,7 @@ class ModelConfig:
     norm_eps: float = 1e-5       # LayerNorm/RMSNorm epsilon (GPT-2 1e-5, LLaMA 1e-5/1e-6, BERT 1e-12)
     tie_embeddings: bool = True  # share token embedding and output head (always true for gpt and bert)
     type_vocab_size: int = 2     # bert: token-type (segment) embeddings
-    num_labels: int = 0          # bert: classes of the sequence-classification head; 0 = no head
+    num_labels: int = 0          # classes of a sequence-classification head (model.classify); 0 = no head
 
     def __post_init__(self):
         if self.model_type not in ('gpt', 'llama', 'bert'):
@@ -287,6 +287,19 @@ def lm_output(model, x, targets, pos):
     return logits, (lm_loss(logits, targets) if targets is not None else None)
 
 
+def classify_last(self, idx, labels=None, attention_mask=None):
+    """Decoder sequence classification, as HF's GPT2/LlamaForSequenceClassification: the head reads each row's
+    last real token (rows padded on the right; causal attention never lets real tokens see the padding).
+    Logits (B, num_labels), and the cross-entropy loss if labels are given."""
+    if self.classifier is None:
+        raise ValueError("this model has no classification head: build it with num_labels > 0")
+    x = self.hidden(idx)  # (B, T, C)
+    B, T, _ = x.shape
+    last = attention_mask.long().sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1, device=x.device)
+    logits = self.classifier(self.transformer.ln_f(x[torch.arange(B, device=x.device), last]))  # (B, num_labels)
+    return logits, (F.cross_entropy(logits.float(), labels) if labels is not None else None)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -302,14 +315,19 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.num_labels else None
         init_weights(self, config)
 
     def forward(self, idx, targets=None, pos=None, pad=None):
         """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
+        return lm_output(self, self.hidden(idx, pos, pad), targets, pos)
+
+    def hidden(self, idx, pos=None, pad=None):  # the last block's output (B, T, C), before ln_f
         p, mask = positions(self, idx, pos, pad)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(p))  # (B, T, C)
-        x = run_blocks(self, self.transformer.h, x, attn_mask=mask, pos=pos)
-        return lm_output(self, x, targets, pos)
+        return run_blocks(self, self.transformer.h, x, attn_mask=mask, pos=pos)
+
+    classify = classify_last
 
 
 class LLaMA(nn.Module):
@@ -327,6 +345,7 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.num_labels else None
         cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta,
                               scaling=config.rope_scaling)
         # not persistent: derived from the config, so checkpoints stay free of them
@@ -336,12 +355,16 @@ class LLaMA(nn.Module):
 
     def forward(self, idx, targets=None, pos=None, pad=None):
         """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
+        return lm_output(self, self.hidden(idx, pos, pad), targets, pos)
+
+    def hidden(self, idx, pos=None, pad=None):  # the last block's output (B, T, C), before ln_f
         p, mask = positions(self, idx, pos, pad)
         cos, sin = self.rope_cos[p], self.rope_sin[p]  # (T, hs), or (B, T, hs) for left-padded rows
         rope = (cos, sin) if p.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        x = run_blocks(self, self.transformer.h, x, rope=rope, attn_mask=mask, pos=pos)
-        return lm_output(self, x, targets, pos)
+        return run_blocks(self, self.transformer.h, x, rope=rope, attn_mask=mask, pos=pos)
+
+    classify = classify_last
 
 
 class BERT(nn.Module):
@@ -748,14 +771,15 @@ _HF_KEYS = {'gpt': dict(n_layer='n_layer', n_head='n_head', n_embd='n_embd', voc
             'llama': dict(_HF_COMMON, n_kv_head='num_key_value_heads', norm_eps='rms_norm_eps',
                           tie_embeddings='tie_word_embeddings')}
 _BASE = {'gpt': 'transformer.', 'llama': 'model.', 'bert': 'bert.'}  # HF's base-model prefix; heads sit outside
-_HEADS = ('lm_head.', 'cls.', 'classifier.')
+_HEADS = ('lm_head.', 'cls.', 'classifier.', 'score.')  # score: decoders' classification head
 # in HF checkpoints but not needed: GPT-2's causal-mask buffers, BERT's tied MLM decoder and next-sentence head
 _IGNORED = re.compile(r'(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$|position_ids$|'
                       r'^cls\.predictions\.decoder\.weight$|^cls\.seq_relationship\.')
 # our key -> HF key (relative to _BASE but for the heads), applied in order; {a,b}: HF tensors stacked row-wise
-_RENAMES = {'gpt': [(r'^transformer\.', ''), (r'\.qkv\.', '.c_attn.'), (r'\.(proj|fc)\.', r'.c_\1.')],
-            'llama': [(r'^transformer\.wte', 'embed_tokens'), (r'^transformer\.ln_f', 'norm'),
-                      (r'^transformer\.h\.', 'layers.'), (r'ln_1', 'input_layernorm'),
+_RENAMES = {'gpt': [(r'^transformer\.', ''), (r'^classifier\.', 'score.'), (r'\.qkv\.', '.c_attn.'),
+                    (r'\.(proj|fc)\.', r'.c_\1.')],
+            'llama': [(r'^transformer\.wte', 'embed_tokens'), (r'^classifier\.', 'score.'),
+                      (r'^transformer\.ln_f', 'norm'), (r'^transformer\.h\.', 'layers.'), (r'ln_1', 'input_layernorm'),
                       (r'ln_2', 'post_attention_layernorm'), (r'attn\.qkv', 'self_attn.{q,k,v}_proj'),
                       (r'attn\.proj', 'self_attn.o_proj'), (r'mlp\.gate_up', 'mlp.{gate,up}_proj'),
                       (r'mlp\.proj', 'mlp.down_proj')],
@@ -777,13 +801,14 @@ def _config_from_hf(hf, state, block_size):
         raise PretrainedError(f"model_type {kind!r} is not supported: gpt2, bert, llama, mistral, qwen2 or other "
                               "LlamaForCausalLM-like weights")
     args = {k: hf[h] for k, h in _HF_KEYS[ours].items() if hf.get(h) is not None}
+    heads = ('classifier.weight' in state or 'score.weight' in state)  # BERT's, decoders' sequence classification
+    args['num_labels'] = heads * (len(hf.get('id2label') or {}) or hf.get('num_labels', 2))
     trained, act, gpt_act = args['block_size'], hf.get('hidden_act'), hf.get('activation_function')
     if ours == 'gpt':
         problems = [(gpt_act not in ('gelu_new', 'gelu_pytorch_tanh'), f"activation_function {gpt_act!r}")]
     elif ours == 'bert':
         problems = [(act != 'gelu', f"hidden_act {act!r} (only gelu)"),
                     (hf.get('position_embedding_type', 'absolute') != 'absolute', 'position_embedding_type')]
-        args['num_labels'] = ('classifier.weight' in state) * (len(hf.get('id2label') or {}) or hf.get('num_labels', 2))
     else:
         block_size = block_size or min(trained, 8192)  # else a 128k-context model builds 128k-row RoPE tables
         rope = {**(hf.get('rope_scaling') or {}), **(hf.get('rope_parameters') or {})}  # transformers 4 and 5
@@ -831,7 +856,8 @@ def _state_from_hf(state, model):
     for key, names, t in _hf_names(cfg, ours):
         if not all(n in sd for n in names):
             out[key] = ours[key]
-            missing += [] if key.startswith(('pooler.', 'mlm_')) else [full(n) for n in names if n not in sd]
+            optional = ('pooler.', 'mlm_') + (('lm_head.',) if cfg.num_labels else ())  # *ForSequenceClassification
+            missing += [] if key.startswith(optional) else [full(n) for n in names if n not in sd]
             continue
         v = torch.cat([sd.pop(n) for n in names]) if len(names) > 1 else sd.pop(names[0])
         v = (v.t() if t else v)[:cfg.block_size if key.endswith('wpe.weight') else None]  # may be a shorter block

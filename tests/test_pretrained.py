@@ -108,6 +108,29 @@ def test_bert_classifier_and_old_layernorm_names(saved, tmp_path):
     assert max_diff(logits, ref(idx, attention_mask=mask).logits) < 1e-4
 
 
+@pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+@torch.no_grad()
+def test_decoder_sequence_classification_matches_transformers(tmp_path, kind):
+    # GPT2/LlamaForSequenceClassification: a bias-free 'score' head on the last non-padding token; the Llama one
+    # has no lm_head at all (it keeps its initialisation in ours)
+    T = transformers
+    torch.manual_seed(0)
+    if kind == 'gpt2':
+        ref = T.GPT2ForSequenceClassification(T.GPT2Config(initializer_range=0.2, n_layer=2, n_head=2, n_embd=32,
+                                                           vocab_size=100, n_positions=64, num_labels=3, pad_token_id=0))
+    else:
+        ref = T.LlamaForSequenceClassification(T.LlamaConfig(**LLAMA, num_labels=3, pad_token_id=0,
+                                                             tie_word_embeddings=False))
+    ref.eval().save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    assert ours.config.num_labels == 3 and ours.classifier.bias is None
+    idx = torch.randint(1, 100, (3, 12))
+    idx[0, 5:] = 0  # right padding with the pad token, which is how transformers finds the last real token
+    idx[2, 9:] = 0
+    logits, _ = ours.classify(idx, attention_mask=idx != 0)
+    assert max_diff(logits, ref(idx).logits) < 1e-4
+
+
 @torch.no_grad()
 def test_block_size_and_dtype(saved):
     folder, ref = saved['gpt2']
