@@ -13,6 +13,7 @@ model, which sample.py loads like any checkpoint.
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,8 +29,8 @@ from torch.nn import functional as F
 from prepare import decode_file
 from quantize import NF4Linear
 from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer
-from train import (TrainConfig, UserError, get_batch, load_data, parse_config, resolve_device, resolve_dtype,
-                   run_cli, save_checkpoint, train)
+from train import (TrainConfig, UserError, get_batch, load_checkpoint, load_data, parse_config, resolve_device,
+                   resolve_dtype, run_cli, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -238,7 +239,7 @@ class FinetuneConfig(TrainConfig):
     resume: bool = False            # continue this out_dir's run exactly (from out_dir/train_state.pt)
     out_dir: str = 'out-finetune'
     mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
-    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify (bert)
+    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify
     data: str = ''                  # sft: JSON/JSONL of {instruction, input, output} or {messages: [...]}
     template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
     val_fraction: float = 0.1       # sft: examples held out for evaluation
@@ -249,6 +250,8 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = 'attn'      # attn | mlp | all | a regex over Linear names
+    adapter: str = ''               # an adapter.pt to start from (its own LoRA settings; refused on another base);
+                                    # with max_iters=0 it is only merged into out_dir/ckpt.pt
     nf4_block: int = 64
     block_size: int = 0             # longest example in tokens; 0 = the model's context
     max_iters: int = 200
@@ -366,26 +369,41 @@ def make_task(cfg):
     def task(_cfg, ckpt, device, master):
         model, tok = load_model(cfg.init_from, 'cpu', 'float32')
         cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
-        if (model.config.model_type == 'bert') != (cfg.task == 'classify'):
-            need = 'a bert model (decoders do not classify yet)' if cfg.task == 'classify' else 'a gpt or llama model'
-            raise UserError(f"task={cfg.task} needs {need}; '{cfg.init_from}' is {model.config.model_type}")
+        bert = model.config.model_type == 'bert'
+        if bert and cfg.task != 'classify':
+            raise UserError(f"task={cfg.task} needs a gpt or llama model; '{cfg.init_from}' is bert: "
+                            "use --task=classify")
         if cfg.task == 'classify':
             examples, labels = classify_data(cfg, tok)
             if model.classifier is None or model.classifier.out_features != len(labels):  # a new head
                 torch.manual_seed(cfg.seed)
-                model.classifier = nn.Linear(model.config.n_embd, len(labels))
+                model.classifier = nn.Linear(model.config.n_embd, len(labels), bias=bert)  # decoders' has no bias
                 model.config.num_labels = len(labels)
+            if cfg.mode == 'full':  # heads that classification never uses get no gradient: DDP would wait for one
+                for n, p in model.named_parameters():
+                    p.requires_grad_(not n.startswith(('mlm_', 'lm_head.')))
         fingerprint = base_fingerprint(model)
         if cfg.mode not in ('full', 'lora', 'qlora'):
             raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
+        adapter, merged_before = read_adapter(cfg.adapter) if cfg.adapter else None, merged_adapters(cfg.init_from)
+        if adapter and adapter.get('id') in merged_before:
+            raise UserError(f"{cfg.adapter} is already merged into {cfg.init_from}: pass the base it was trained on "
+                            f"(--init_from={adapter['config']['init_from']})")
         if cfg.mode != 'full':
             torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every run
+            extra = (('pooler', 'classifier') if bert else ('classifier',)) if cfg.task == 'classify' else ()
+            lc = adapter['lora_config'] if adapter else dict(
+                target=cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, qlora=cfg.mode == 'qlora',
+                block_size=cfg.nf4_block, train_extra=extra)
             try:
-                apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                           qlora=cfg.mode == 'qlora', block_size=cfg.nf4_block,
-                           train_extra=('pooler', 'classifier') if cfg.task == 'classify' else ())
+                apply_lora(model, lc['target'], r=lc['r'], alpha=lc['alpha'], dropout=cfg.lora_dropout,
+                           qlora=lc['qlora'], block_size=lc['block_size'], train_extra=lc['train_extra'])
+                if adapter:
+                    load_lora(model, adapter['lora'], adapter['fingerprint'])
             except ValueError as e:
-                raise UserError(str(e)) from None
+                raise UserError(f"{cfg.adapter}: {e}" if adapter else str(e)) from None
+        elif adapter:
+            raise UserError("--adapter needs --mode=lora or qlora (full fine-tuning has no adapters)")
         if cfg.mode != 'full':
             frozen_to(model, resolve_dtype(cfg.dtype, device))
         trainable, total = count_params(model)
@@ -413,17 +431,44 @@ def make_task(cfg):
         def on_save(m):
             m = getattr(m, 'model', m)  # the model inside ClassifierLoss
             os.makedirs(cfg.out_dir, exist_ok=True)
+            merged, ids = m, merged_before
             if cfg.mode != 'full':
-                save_checkpoint({'lora': lora_state_dict(m), 'lora_config': m.lora_config, 'fingerprint': fingerprint,
+                lora = lora_state_dict(m)
+                ids = merged_before + [adapter_id(lora)]
+                save_checkpoint({'lora': lora, 'lora_config': m.lora_config, 'fingerprint': fingerprint, 'id': ids[-1],
                                  'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'adapter.pt'))
-            merged = copy.deepcopy(m) if cfg.mode != 'full' else m
-            if cfg.mode != 'full':
+                merged = copy.deepcopy(m)
                 merge_lora(merged)  # in place, on the copy: training goes on with the adapters
             save_checkpoint({'model': merged.state_dict(), 'model_args': asdict(merged.config), 'meta': meta,
-                             'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                             'merged_adapters': ids, 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
         return SimpleNamespace(model=model, model_args=asdict(getattr(model, 'model', model).config), meta=meta,
                                batch=batch, on_save=on_save)
     return task
+
+
+def read_adapter(path):
+    """An adapter.pt written by a LoRA/QLoRA run: tensors, settings and the base's fingerprint."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {'lora', 'lora_config', 'fingerprint'} <= set(state):
+        raise UserError(f"'{path}' is not an adapter.pt (no lora, lora_config and fingerprint): pass --init_from "
+                        f"for full checkpoints")
+    return state
+
+
+def adapter_id(lora):
+    """A short hash of the adapter's tensors: merged checkpoints list the ids merged into them."""
+    h = hashlib.sha256()
+    for name in sorted(lora):
+        h.update(name.encode() + lora[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def merged_adapters(init_from):
+    """Ids of the adapters already merged into init_from (a finetune_lora.py out_dir), so none is merged twice."""
+    path = os.path.join(init_from, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return []
+    return torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('merged_adapters', [])
 
 
 def frozen_to(model, dtype):
@@ -526,7 +571,12 @@ def main(argv):
         raise UserError("finetune_lora.py runs single-process or DDP (torchrun); fsdp=True is for train.py")
     if cfg.task == 'classify' and not cfg.data:
         raise UserError("task=classify needs --data=FILE.csv or .jsonl with text and label columns")
-    train(cfg, make_task(cfg))
+    if cfg.adapter and cfg.max_iters == 0:  # merge only: base + adapter -> out_dir/ckpt.pt
+        run = make_task(cfg)(cfg, None, 'cpu', True)
+        run.on_save(run.model)
+        print(f"merged {cfg.adapter} into {cfg.init_from}: wrote {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    else:
+        train(cfg, make_task(cfg))
     if cfg.task == 'classify':  # the held-out figures of the saved (merged) model
         model, tok = load_model(cfg.out_dir, resolve_device(cfg.device), 'float32')
         examples, labels = classify_data(cfg, tok)

@@ -172,3 +172,74 @@ def test_classification_errors(bert_base, tmp_path):
     path.write_text('text,kind\ngood,pos\nbad,neg\n')
     with pytest.raises(UserError, match="no 'text' and 'label'"):
         finetune_lora.main([f'--init_from={bert_base}', '--task=classify', f'--data={path}', '--device=cpu'])
+
+
+def separable_csv(path, n=60):
+    import random
+    rnd = random.Random(0)
+    words = {'pos': ['good', 'fair', 'sweet', 'gentle'], 'neg': ['foul', 'vile', 'base', 'cruel']}
+    rows = [(' '.join(rnd.choice(words[lab]) for _ in range(rnd.randint(3, 8))), lab)
+            for lab in ('pos', 'neg') for _ in range(n)]
+    path.write_text('text,label\n' + ''.join(f'{t},{lab}\n' for t, lab in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize('mode', ['lora', 'full'])
+def test_decoder_classification_reads_the_last_real_token(base, tmp_path, mode):
+    # rows of different lengths are padded on the right; the head must read each row's own last token
+    data, out = separable_csv(tmp_path / 'reviews.csv'), str(tmp_path / mode)
+    finetune_lora.main([f'--init_from={base}', '--task=classify', f'--data={data}', f'--out_dir={out}',
+                        f'--mode={mode}', '--lora_targets=all', '--max_iters=60', '--eval_interval=30',
+                        '--eval_iters=2', '--batch_size=16', '--learning_rate=3e-3', '--warmup_iters=5',
+                        '--lora_dropout=0.0', '--device=cpu', '--dtype=float32', '--val_fraction=0.2'])
+    report = json.load(open(os.path.join(out, 'eval.json')))
+    assert report['labels'] == ['neg', 'pos'] and report['accuracy'] >= 0.9 and report['macro_f1'] >= 0.9
+    model, tok = sample.load_model(out)  # the merged checkpoint keeps its 2-class head (no bias, as HF's score)
+    assert model.classifier.out_features == 2 and model.classifier.bias is None
+    a, b = tok.encode('good fair sweet'), tok.encode('foul vile base cruel foul')
+    x = torch.full((2, len(b)), 0)
+    x[0, :len(a)], x[1] = torch.tensor(a), torch.tensor(b)
+    batched = model.classify(x, attention_mask=torch.arange(len(b)) < torch.tensor([[len(a)], [len(b)]]))[0]
+    alone = torch.cat([model.classify(torch.tensor([a]))[0], model.classify(torch.tensor([b]))[0]])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_merges_from_the_command_line_and_refuses_another_base(base, instruct, tmp_path):
+    out, merged = str(tmp_path / 'run'), str(tmp_path / 'merged')
+    finetune_lora.main(args(base, instruct, out, max_iters=10, eval_interval=10))
+    adapter = os.path.join(out, 'adapter.pt')
+    # the adapter's own settings are used: a different --lora_r on the command line does not matter
+    finetune_lora.main(args(base, instruct, merged, max_iters=0, adapter=adapter, lora_r=2))
+    want = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
+    got = torch.load(os.path.join(merged, 'ckpt.pt'), weights_only=False)['model']
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    other = str(tmp_path / 'other')  # same shape, other weights
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256,
+                                                         initializer_range=0.3)).save_pretrained(other)
+    with pytest.raises(UserError, match='adapter.pt: adapter was trained on a different base model: its weights'):
+        finetune_lora.main(args(other, instruct, str(tmp_path / 'x'), max_iters=0, adapter=adapter))
+    with pytest.raises(UserError, match=f"adapter.pt is already merged into {out}: pass the base it was trained on"):
+        finetune_lora.main(args(out, instruct, str(tmp_path / 'x'), max_iters=0, adapter=adapter))
+    with pytest.raises(UserError, match="is not an adapter.pt"):
+        finetune_lora.main(args(base, instruct, str(tmp_path / 'x'), max_iters=0, adapter=os.path.join(out, 'ckpt.pt')))
+    with pytest.raises(UserError, match="no checkpoint at"):
+        finetune_lora.main(args(base, instruct, str(tmp_path / 'x'), max_iters=0, adapter=str(tmp_path / 'none.pt')))
+
+
+def test_torchrun_two_processes_follow_the_single_process_curve(base, instruct, tmp_path):
+    # the LoRA run under DDP: gradients of the adapters alone are all-reduced, the merged checkpoint is written once
+    import subprocess
+    import sys
+    one = args(base, instruct, str(tmp_path / 'one'), max_iters=4, eval_interval=2, gradient_accumulation_steps=2,
+               log_interval=1, lora_dropout=0.0)  # dropout masks depend on the rank
+    finetune_lora.main(one)
+    two = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in one]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'finetune_lora.py', *two], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = losses(str(tmp_path / 'one')), losses(str(tmp_path / 'two'))
+    assert len(a) == len(b) == 4
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    assert os.path.exists(os.path.join(tmp_path / 'two', 'adapter.pt'))
