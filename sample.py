@@ -29,6 +29,7 @@ from torch.nn import functional as F
 import bpe
 from model import PretrainedError, from_pretrained, pretrained_folder
 from prepare import bpe_from_text, decode_file, load_tokenizer, tiktoken_encoding, tokenizer_identity
+from quantize import load_quantized
 from train import (UserError, load_checkpoint, load_data, model_from_checkpoint, parse_config, resolve_device,
                    resolve_dtype, run_cli)
 
@@ -83,9 +84,9 @@ def meta_tokenizer(meta):
         return tiktoken_tokenizer(tok['name'])
     encode, decode = load_tokenizer(meta)
     eos = bpe_from_text(tok['model'], 'the checkpoint').eot_token if tok.get('kind') == 'bpe' else None
+    ident = {'chars': tok.get('chars')} if tok.get('kind') == 'char' else tokenizer_identity(tok)  # vocab and order
     return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id', eos), meta=tok,
-                           chat_template=tok.get('chat_template'),
-                           identity=json.dumps(tokenizer_identity(tok), sort_keys=True))
+                           chat_template=tok.get('chat_template'), identity=json.dumps(ident, sort_keys=True))
 
 
 def hf_tokenizer(folder, model_type):
@@ -139,7 +140,10 @@ def load_model(init_from, device='cpu', dtype='float32'):
     The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template."""
     if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         ckpt = load_checkpoint(os.path.join(init_from, 'ckpt.pt'), map_location=device)
-        model = model_from_checkpoint(ckpt, device)
+        if 'quantization' in ckpt:  # written by quantize.py
+            model = load_quantized(ckpt).to(device)
+        else:
+            model = model_from_checkpoint(ckpt, device)
         if not (ckpt.get('meta') or {}).get('tokenizer'):
             raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
         tok = meta_tokenizer(ckpt['meta'])
@@ -379,7 +383,7 @@ def eval_tokens(model, ids, stride=0, batch_size=8):
     """Perplexity and next-token accuracy over a token sequence, read in block_size windows that advance by
     stride: each token is predicted once, and after the first window with at least block_size - stride
     tokens of context (non-overlapping windows, stride = block_size, see less and score worse)."""
-    block, device = model.config.block_size, model.lm_head.weight.device
+    block, device = model.config.block_size, next(model.parameters()).device
     stride = stride or max(1, block // 2)
     ids = torch.as_tensor(ids, dtype=torch.long)
     if len(ids) < 2:
@@ -453,7 +457,7 @@ def read_mc(path):
 @torch.no_grad()
 def score_endings(model, tok, ctx, endings):
     """Summed loss and token count of each ending after the context, all endings in one batch."""
-    block, device = model.config.block_size, model.lm_head.weight.device
+    block, device = model.config.block_size, next(model.parameters()).device
     ctx_ids, rows = tok.encode(ctx), []
     for e in endings:  # an ending continues the context after a space, as HellaSwag's do
         cont = tok.encode(e if ctx[-1:].isspace() or e[:1].isspace() else ' ' + e)
