@@ -466,7 +466,7 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
 def setup_cache(model, batch_size, max_len, dtype=None):
     """Give every attention layer of a gpt/llama model a KV cache for batch_size rows of max_len positions;
     batch_size=None removes them. dtype defaults to float32 on CPU, elsewhere to what the layers compute in."""
-    w = model.transformer.wte.weight
+    w = model.transformer.ln_f.weight  # not the embedding: quantize.py may have replaced that
     if dtype is None:  # float32 on CPU: its bf16 attention over a long cache is ~5x slower (bench.py decode)
         dev = w.device.type
         dtype = torch.float32 if dev == 'cpu' else torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) \
@@ -534,7 +534,7 @@ def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
     and decoding goes on from there (the model then sees block_size // 2 tokens of the past)."""
     if stop and decode is None:
         raise ValueError("stop strings need decode, the tokenizer's ids -> text function")
-    device = model.transformer.wte.weight.device
+    device = model.transformer.ln_f.weight.device
     seq, pad = left_pad(prompts, device)
     B, V, block = seq.size(0), model.config.vocab_size, model.config.block_size
     if int(seq.max()) >= V or int(seq.min()) < 0:

@@ -1,15 +1,31 @@
 """
-Weight quantization: store a Linear's weight in fewer bits and dequantize it on the fly in forward.
+Quantization and pruning: smaller weights, faster decoding, and what each costs in perplexity.
 
-    q = nf4_quantize(lin.weight)                  # 4-bit NormalFloat codes + double-quantized block scales
-    w = nf4_dequantize(q, torch.bfloat16)         # the (out, in) weight again, within NF4's rounding error
-    layer = NF4Linear.from_linear(lin)            # swaps in for nn.Linear; ~0.52 bytes per weight
+    python quantize.py --init_from=out-shakespeare-char --mode=int8 --eval_data=data/shakespeare_char
+    python quantize.py --init_from=gpt2 --mode=int4 --group_size=64 --out_dir=out-gpt2-int4 --report=int4.json
+    python quantize.py --init_from=out-shakespeare-char --mode=prune --sparsity=0.5 --prune_pattern=2:4
+    python sample.py --init_from=out-gpt2-int4           # a quantized checkpoint loads like any other
 
-NF4 is QLoRA's format (Dettmers et al. 2023): a frozen base model in 4 bits under trainable LoRA adapters.
+Weight-only schemes swap modules in for nn.Linear (and nn.Embedding) without the model code knowing:
+    Int8Linear   int8 per output channel, symmetric                  ~1 byte per weight
+    Int4Linear   4-bit group-wise (32/64/128), asymmetric, 2 per byte  ~0.56 bytes at group 64
+    NF4Linear    QLoRA's 4-bit NormalFloat, block 64, double-quantized  ~0.52 bytes
+quantize_model(model, 'int8') converts a model in place; save_quantized / load_quantized keep the packed
+tensors, so the file is small too. prune() zeroes weights by magnitude, unstructured or 2:4.
+
+The library part of this file needs only torch, numpy and model.py, so the two files can be copied into
+another project; the command line at the bottom uses the rest of the repo.
 """
+import dataclasses
+import os
+import re
+
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from model import ModelConfig, build_model
 
 # ----------------------------------------------------------------------------------------------------------
 # NF4
@@ -96,10 +112,48 @@ def nf4_dequantize(q, dtype=torch.float32):
 _NF4_TENSORS = ('codes', 'absmax', 'absmax_q', 'absmax_scale', 'absmax_mean')
 
 
-class NF4Linear(nn.Module):
-    """Swaps in for a frozen nn.Linear: the weight is kept as NF4 codes and quantized scales (buffers, so the
-    state_dict holds the small tensors) and dequantized in each forward to the input's dtype. The bias stays in
-    full precision. Nothing here is trained: gradients flow through to the input only."""
+class QuantLinear(nn.Module):
+    """What the quantized linears share. Subclasses keep the weight in buffers (so the state_dict holds the small
+    tensors) and define dequantized_weight(dtype) and weight_bytes(); forward may use a faster kernel. The bias
+    stays in full precision. Nothing here is trained: gradients flow through to the input only."""
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the scales (nor the bias): keep every tensor's dtype here and
+        # only follow device moves; forward casts to the input's dtype instead
+        def keep_dtype(t):
+            probe = fn(t.new_empty(0))
+            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+        return super()._apply(keep_dtype, recurse)
+
+    def rows(self, idx, dtype):
+        """Rows idx of the (out, in) weight in dtype: the lookup of an embedding table stored this way."""
+        return self.dequantized_weight(dtype)[idx]
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def to_linear(self):
+        """A plain fp32 nn.Linear with the dequantized weight (to export or to merge into)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=next(self.buffers()).device)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin.requires_grad_(False)
+
+    def weight_bytes(self):
+        """Bytes the quantized weight takes: codes and scales (not the bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _bias(self, bias):
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+class NF4Linear(QuantLinear):
+    """Swaps in for a frozen nn.Linear: the weight is kept as NF4 codes and quantized scales and dequantized in
+    each forward to the input's dtype."""
 
     def __init__(self, q, bias=None):
         super().__init__()
@@ -108,7 +162,7 @@ class NF4Linear(nn.Module):
         for k in _NF4_TENSORS:
             if k in q:
                 self.register_buffer(k, q[k])
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._bias(bias)
 
     @classmethod
     def from_linear(cls, lin, block_size=64, double_quant=True, dq_block=256):
@@ -124,23 +178,468 @@ class NF4Linear(nn.Module):
         """The (out, in) weight in dtype."""
         return nf4_dequantize(self.quantized(), dtype)
 
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
-
-    def to_linear(self):
-        """A plain fp32 nn.Linear with the dequantized weight (to export or to merge into)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.codes.device)
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantized_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
-
-    def weight_bytes(self):
-        """Bytes the quantized weight takes: codes and scales (not the bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def rows(self, idx, dtype):
+        K, bs = self.in_features, self.block_size
+        if K % bs:  # blocks straddle rows
+            return super().rows(idx, dtype)
+        codes = unpack_4bit(self.codes.view(self.out_features, K // 2)[idx].reshape(-1))  # (n * K,)
+        scales = nf4_absmax(self.quantized()).view(self.out_features, K // bs)[idx]        # (..., K / bs)
+        w = NF4_LEVELS.to(codes.device)[codes.long()].view(*scales.shape[:-1], K // bs, bs) * scales[..., None]
+        return w.view(*idx.shape, K).to(dtype)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"block_size={self.block_size}, double_quant={hasattr(self, 'absmax_q')}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8 and int4
+
+
+def int8_quantize(w):
+    """Symmetric per-output-channel int8: w (out, in) -> q int8 (out, in), scale fp32 (out,), w ~= q * scale.
+    Each row's largest |w| maps to 127, so the rounding error is at most scale / 2 = absmax / 254 per row."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(QuantLinear):
+    """int8 weight, fp32 scale per output row. Decoding reads a quarter of fp32's bytes per token."""
+
+    def __init__(self, q, scale, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer('weight_q', q)
+        self.register_buffer('scale', scale)
+        self._bias(bias)
+
+    @classmethod
+    def from_linear(cls, lin):
+        return cls(*int8_quantize(lin.weight), lin.bias)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return (self.weight_q.float() * self.scale[:, None]).to(dtype)
+
+    def rows(self, idx, dtype):
+        return (self.weight_q[idx].float() * self.scale[idx, None]).to(dtype)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        # x @ (q * s)^T = (x @ q^T) * s: the int8 matrix is read as it is and the scale applied to the output
+        y = F.linear(x, self.weight_q.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if bias is None else y + bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int4_quantize(w, group_size=64):
+    """Asymmetric 4-bit per group of group_size input columns: w (out, in) -> codes uint8 (out, in) in 0..15,
+    scales and zeros fp16 (out, in / group_size), w ~= codes * scale + zero. min..max of each group spans the 16
+    levels (error at most scale / 2); scale and zero are rounded to fp16 first so that the codes fit them."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}")
+    g = w.detach().float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).half()
+    zero = lo.half()
+    codes = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+    return codes.to(torch.uint8).view(N, K), scale, zero
+
+
+def int4_dequantize(codes, scale, zero, dtype=torch.float32):
+    """The (out, in) weight of int4_quantize's codes (out, in) and group scales and zeros (out, in / group)."""
+    N, K = codes.shape
+    g = codes.float().view(N, scale.size(1), -1) * scale.float()[..., None] + zero.float()[..., None]
+    return g.view(N, K).to(dtype)
+
+
+class Int4Linear(QuantLinear):
+    """4-bit codes packed two per byte (out, in / 2), fp16 scale and zero per group of group_size inputs."""
+
+    def __init__(self, codes, scale, zero, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scale.size(1)
+        self.register_buffer('codes', pack_4bit(codes.reshape(-1)).view(self.out_features, -1))
+        self.register_buffer('scales', scale)
+        self.register_buffer('zeros', zero)
+        self._bias(bias)
+
+    @classmethod
+    def from_linear(cls, lin, group_size=64):
+        return cls(*int4_quantize(lin.weight, group_size), lin.bias)
+
+    def unpacked(self):
+        return unpack_4bit(self.codes.view(-1)).view(self.out_features, self.in_features)
+
+    def dequantized_weight(self, dtype=torch.float32):
+        return int4_dequantize(self.unpacked(), self.scales, self.zeros, dtype)
+
+    def rows(self, idx, dtype):
+        codes = unpack_4bit(self.codes[idx].reshape(-1)).view(-1, self.in_features)
+        flat = idx.reshape(-1)
+        return int4_dequantize(codes, self.scales[flat], self.zeros[flat], dtype).view(*idx.shape, -1)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"group_size={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept in a QuantLinear's format (V, C): a lookup dequantizes the rows it reads. GPT-2's
+    table is also its output head, so both hold the same module and the int8/int4 matrix is stored once."""
+
+    def __init__(self, table, dtype=torch.float32):
+        super().__init__()
+        self.table = table
+        # an empty float tensor that model.to(dtype) casts: the dtype the looked-up rows come out in
+        self.register_buffer('_out', torch.empty(0, dtype=dtype), persistent=False)
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, idx):
+        return self.table.rows(idx, self._out.dtype)
+
+    @property
+    def weight(self):  # the whole table, for code that multiplies by it (BERT's tied MLM decoder)
+        return self.table.dequantized_weight(self._out.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# converting, saving and loading a model
+
+SCHEMES = ('int8', 'int4', 'nf4')
+
+
+def _quantized(lin, scheme, group_size):
+    if scheme == 'int8':
+        return Int8Linear.from_linear(lin)
+    if scheme == 'int4':
+        return Int4Linear.from_linear(lin, group_size)
+    if scheme == 'nf4':
+        return NF4Linear.from_linear(lin, group_size)
+    raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+
+
+def _set(model, name, module):
+    parent, _, child = name.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _embedding_names(model):
+    # (embedding module name, the Linear name tied to it or None): GPT-2 and BERT share the token table
+    cfg = model.config
+    if cfg.model_type == 'bert':
+        return 'embeddings.wte', None
+    return 'transformer.wte', ('lm_head' if cfg.tie_embeddings else None)
+
+
+def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=(), quantized=None):
+    """Replace model's Linears (all, but names in skip) by scheme's quantized ones, in place, and with embeddings
+    the token table too (tied to the head: one quantized matrix serves both). quantized: {name: module} to use
+    instead of quantizing those layers here (calibrated ones, say). Returns the plan, a dict that
+    load_quantized needs to rebuild the same structure: scheme, group_size, embeddings, skip."""
+    quantized = quantized or {}
+    emb_name, tied = _embedding_names(model)
+    emb = model.get_submodule(emb_name)
+    dtype = emb.weight.dtype
+    if embeddings and tied is None:  # its own table, quantized as a (V, C) matrix
+        table = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device=emb.weight.device)
+        table.weight = emb.weight
+        _set(model, emb_name, QuantEmbedding(_quantized(table, scheme, group_size), dtype))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name not in skip and (embeddings or name != tied):
+            _set(model, name, quantized.get(name) or _quantized(m, scheme, group_size))
+    if embeddings and tied is not None:
+        _set(model, emb_name, QuantEmbedding(model.get_submodule(tied), dtype))
+    return dict(scheme=scheme, group_size=group_size, embeddings=embeddings, skip=list(skip))
+
+
+def _empty_like_plan(model, plan):
+    # the quantized structure of plan on a freshly built model, with placeholder values that load_state_dict fills
+    with torch.device('meta'):
+        pass
+    return quantize_model(model, plan['scheme'], plan['group_size'], plan['embeddings'], plan['skip'])
+
+
+def weight_bytes(model):
+    """Bytes of every parameter and buffer, each tensor once (a tied or shared one is counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def save_quantized(model, path, plan, extra=None):
+    """A checkpoint of a quantize_model'd (or pruned) model: packed tensors as they are (a tied table once),
+    pruned weights as a bit mask plus the kept values. extra: more keys (model_args is added, meta for sample.py).
+    Written to a temporary file and renamed, so a crash never leaves half a file."""
+    state, sparse = model.state_dict(), {}
+    for name in plan.get('pruned', []):
+        w = state.pop(name + '.weight')
+        mask = (w != 0).cpu().numpy()
+        sparse[name] = dict(shape=tuple(w.shape), bits=torch.from_numpy(np.packbits(mask)), values=w[w != 0].clone())
+    obj = {'model': state, 'sparse': sparse, 'quantization': plan,
+           'model_args': dataclasses.asdict(model.config), **(extra or {})}
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_quantized(ckpt):
+    """The model that save_quantized wrote (a loaded checkpoint dict), in eval mode: built from model_args,
+    given the same quantized structure, then filled with the saved tensors."""
+    model = build_model(ModelConfig(**ckpt['model_args']))
+    plan = ckpt['quantization']
+    if plan.get('scheme'):
+        quantize_model(model, plan['scheme'], plan['group_size'], plan['embeddings'], plan['skip'])
+    state = dict(ckpt['model'])
+    for name, sp in (ckpt.get('sparse') or {}).items():
+        n = int(np.prod(sp['shape']))
+        mask = torch.from_numpy(np.unpackbits(sp['bits'].numpy(), count=n).astype(bool)).view(sp['shape'])
+        w = torch.zeros(sp['shape'], dtype=sp['values'].dtype)
+        w[mask] = sp['values']
+        state[name + '.weight'] = w
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pruning
+
+PRUNABLE = re.compile(r'(^|\.)h\.\d+\.')  # the Linears inside the transformer blocks (not embeddings or heads)
+
+
+def prunable(model):
+    """(name, nn.Linear) of the linears pruning touches: inside the blocks, where most weights are."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and PRUNABLE.search(n)]
+
+
+def prune(model, sparsity=0.5, scope='global', pattern='unstructured'):
+    """Zero the smallest-magnitude weights of the block Linears, in place. pattern 'unstructured': exactly
+    round(sparsity * n) weights, ranked over all layers together (scope 'global': layers that matter less lose
+    more) or within each layer ('layer'); '2:4': the 2 smallest of every 4 consecutive inputs of a row (50%,
+    the pattern sparse tensor cores run at 2x). Returns {name: fraction of that layer now zero}."""
+    layers = prunable(model)
+    if not layers:
+        raise ValueError("the model has no Linear layers inside transformer blocks to prune")
+    with torch.no_grad():
+        if pattern == '2:4':
+            for _, m in layers:
+                w = m.weight.view(m.out_features, -1, 4)  # (out, in / 4, 4); in_features % 4 == 0 in every family
+                drop = w.abs().argsort(dim=2)[..., :2]    # the two smallest of each group
+                w.scatter_(2, drop, 0.0)
+        elif pattern != 'unstructured':
+            raise ValueError(f"pattern must be unstructured or 2:4, not {pattern!r}")
+        elif not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), not {sparsity}")
+        elif scope == 'layer':
+            for _, m in layers:
+                _zero_smallest(m.weight.view(-1), round(sparsity * m.weight.numel()))
+        elif scope == 'global':
+            flat = torch.cat([m.weight.detach().reshape(-1) for _, m in layers])
+            _zero_smallest(flat, round(sparsity * flat.numel()))
+            for (_, m), part in zip(layers, flat.split([m.weight.numel() for _, m in layers])):
+                m.weight.copy_(part.view_as(m.weight))
+        else:
+            raise ValueError(f"scope must be global or layer, not {scope!r}")
+    return {n: (m.weight == 0).float().mean().item() for n, m in layers}
+
+
+def _zero_smallest(flat, k):
+    # exactly k entries set to zero, the smallest |x| first (ties broken by position, so the count is exact)
+    if k:
+        flat[flat.abs().argsort()[:k]] = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring: what a scheme saves and what it costs
+
+def file_bytes(model, plan=None):
+    """Size on disk of the model saved alone (no optimizer state): fp32 weights, or the quantized checkpoint."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, 'm.pt')
+        if plan is None:
+            torch.save(model.state_dict(), path)
+        else:
+            save_quantized(model, path, plan)
+        return os.path.getsize(path)
+
+
+@torch.no_grad()
+def decode_speed(model, new_tokens=64, prompt_len=16, batch_size=1, rounds=2):
+    """Greedy decoding tokens/s (new tokens of all rows per second, the prompt's prefill included) from a
+    random prompt; the best of rounds, after one warm-up."""
+    import time
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen)
+    prompt = prompt.to(next(model.parameters()).device)
+    model.generate(prompt, 4, temperature=0)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        model.generate(prompt, new_tokens, temperature=0)
+        best = max(best, batch_size * new_tokens / (time.perf_counter() - t0))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command line: quantize (or prune) a checkpoint, measure both, save the result
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    init_from: str = 'out'          # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder
+    mode: str = 'int8'              # int8 | int4 | nf4 | prune
+    group_size: int = 64            # int4 group / nf4 block: inputs sharing a scale
+    embeddings: bool = True         # quantize the token table too (with GPT-2 it is also the output head)
+    skip: str = ''                  # comma-separated Linear names to keep in full precision
+    sparsity: float = 0.5           # prune: fraction of the block Linears' weights set to zero
+    prune_scope: str = 'global'     # prune: rank weights over all layers (global) or within each (layer)
+    prune_pattern: str = 'unstructured'  # prune: unstructured | 2:4 (2 of every 4 inputs; sparsity is then 0.5)
+    eval_data: str = ''             # text file or prepare.py folder for perplexity; '' = the run's own data_dir
+    eval_split: str = 'val'
+    max_eval_tokens: int = 100_000  # 0 = all
+    eval_stride: int = 0            # 0 = half the context (see sample.eval_tokens)
+    batch_size: int = 8
+    sensitivity_tokens: int = 4096  # prune: tokens per layer for the loss each layer alone loses; 0 = skip
+    decode_tokens: int = 64         # tokens generated for the tokens/s figure; 0 = skip
+    out_dir: str = ''               # save the quantized checkpoint here (ckpt.pt, loads in sample.py)
+    report: str = ''                # write the figures as JSON here
+    device: str = 'cpu'
+    seed: int = 1337
+
+
+def default_eval_data(init_from):
+    # the data a train.py/finetune_lora.py run trained on: its val split is the fair test
+    path = os.path.join(init_from, 'config.json')
+    if os.path.isfile(path):
+        import json
+        data_dir = json.load(open(path)).get('data_dir', '')
+        if data_dir and os.path.isfile(os.path.join(data_dir, 'meta.json')):
+            return data_dir
+    return ''
+
+
+def measure(model, tok, cfg, ids, plan=None, pack=True):
+    from sample import eval_tokens, pack_linears
+    out = {'size_bytes': file_bytes(model, plan), 'weight_bytes': weight_bytes(model)}
+    if ids is not None:
+        r = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)
+        out.update(val_loss=r['loss'], val_ppl=r['ppl'], val_tokens=r['tokens'])
+    if cfg.decode_tokens:
+        if pack:  # as sample.py decodes on CPU: Linears left in full precision use oneDNN's packed weights
+            pack_linears(model)
+        out['tokens_per_sec'] = decode_speed(model, cfg.decode_tokens)
+    return out
+
+
+def layer_sensitivity(model, ids, cfg):
+    """Per block Linear: the loss increase on the first sensitivity_tokens of ids when that layer alone is pruned
+    as cfg says. Which layers a model can least afford to prune."""
+    from sample import eval_tokens
+    ids = ids[:cfg.sensitivity_tokens]
+    base = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)['loss']
+    out = {}
+    for name, lin in prunable(model):
+        keep = lin.weight.detach().clone()
+        solo = nn.Module()
+        solo.transformer = nn.ModuleDict({'h': nn.ModuleList([nn.ModuleDict({'x': lin})])})
+        solo.config = model.config
+        prune(solo, cfg.sparsity, 'layer', cfg.prune_pattern)
+        out[name] = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)['loss'] - base
+        with torch.no_grad():
+            lin.weight.copy_(keep)
+    return out
+
+
+def main(argv):
+    import copy
+    import json
+    from sample import eval_data_tokens, load_model
+    from train import UserError, parse_config, print_config, resolve_device
+    cfg = parse_config(QuantizeConfig, argv)
+    if cfg.mode not in SCHEMES + ('prune',):
+        raise UserError(f"mode must be int8, int4, nf4 or prune, not '{cfg.mode}'")
+    if cfg.mode == 'prune' and not (0 <= cfg.sparsity < 1 and cfg.prune_scope in ('global', 'layer') and
+                                    cfg.prune_pattern in ('unstructured', '2:4')):
+        raise UserError("prune needs 0 <= sparsity < 1, prune_scope global|layer, prune_pattern unstructured|2:4")
+    if cfg.group_size < 2 or cfg.group_size % 2:
+        raise UserError(f"group_size must be an even number >= 2 (e.g. 32, 64, 128), not {cfg.group_size}")
+    print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(cfg.init_from, device, 'float32')
+    if getattr(model, 'quantization', None) or any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise UserError(f"'{cfg.init_from}' is already quantized: start from the full-precision checkpoint")
+    ids, default = None, not cfg.eval_data
+    cfg.eval_data = cfg.eval_data or default_eval_data(cfg.init_from)
+    if cfg.eval_data:
+        try:
+            ids = eval_data_tokens(cfg, tok)
+        except UserError as e:
+            if not default:
+                raise
+            print(f"not measuring perplexity on the run's data_dir: {e}")
+    elif model.config.model_type != 'bert':
+        print("no --eval_data (and no data_dir in the run's config.json): perplexity is not measured")
+    if model.config.model_type == 'bert':
+        ids, cfg.decode_tokens = None, 0  # an encoder: neither next-token perplexity nor decoding
+    skip = [s for s in cfg.skip.split(',') if s]
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if set(skip) - names:
+        raise UserError(f"--skip names no Linear: {sorted(set(skip) - names)[:3]}; Linears are e.g. {sorted(names)[:3]}")
+
+    result = copy.deepcopy(model)
+    if cfg.mode == 'prune':
+        sparsity = prune(result, cfg.sparsity, cfg.prune_scope, cfg.prune_pattern)
+        plan = dict(scheme=None, pruned=list(sparsity))
+    else:
+        try:
+            plan = quantize_model(result, cfg.mode, cfg.group_size, cfg.embeddings, skip)
+        except ValueError as e:
+            raise UserError(f"{e}: pick a --group_size that divides it, or --skip that layer") from None
+    print("measuring the original ...")
+    before = measure(model, tok, cfg, ids)
+    del model
+    print(f"measuring the {cfg.mode} model ...")
+    after = measure(result, tok, cfg, ids, plan, pack=True)
+
+    rows = [('size on disk (MB)', 'size_bytes', 1e-6), ('weight memory (MB)', 'weight_bytes', 1e-6),
+            ('val perplexity', 'val_ppl', 1), ('decode tokens/s', 'tokens_per_sec', 1)]
+    print(f"\n| {'':22} | {'original':>10} | {cfg.mode:>10} | {'ratio':>7} |")
+    print(f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 9}|")
+    for label, key, unit in rows:
+        if key in before:
+            print(f"| {label:22} | {before[key] * unit:10.3f} | {after[key] * unit:10.3f} | "
+                  f"{after[key] / before[key]:7.3f} |")
+    report = {'init_from': cfg.init_from, 'mode': cfg.mode, 'eval_data': cfg.eval_data, 'original': before,
+              'result': after, 'plan': plan}
+    if cfg.mode == 'prune':
+        report['sparsity'] = sparsity
+        if ids is not None and cfg.sensitivity_tokens:
+            loss = layer_sensitivity(load_model(cfg.init_from, device, 'float32')[0], ids, cfg)
+            report['loss_increase_per_layer'] = loss
+            worst = sorted(loss, key=loss.get, reverse=True)[:5]
+            print("layers that lose most when pruned alone (loss increase): " +
+                  ', '.join(f"{n} {loss[n]:+.4f}" for n in worst))
+    if cfg.out_dir:
+        from train import load_checkpoint
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        src = os.path.join(cfg.init_from, 'ckpt.pt')
+        meta = load_checkpoint(src)['meta'] if os.path.isfile(src) else {'tokenizer': tok.meta}
+        save_quantized(result, os.path.join(cfg.out_dir, 'ckpt.pt'), plan, {'meta': meta})
+        print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python sample.py --init_from={cfg.out_dir}")
+    if cfg.report:
+        with open(cfg.report, 'w') as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == '__main__':
+    from train import run_cli
+    run_cli(main)
