@@ -602,7 +602,134 @@ def bench_finetune(argv):
     return rows
 
 
-BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune}
+@dataclass
+class QuantizeBenchConfig:
+    init_from: str = 'out-shakespeare-char'  # a trained run (python train.py config/shakespeare_char.py); '' = skip
+    eval_data: str = ''          # '' = the run's own data_dir
+    max_eval_tokens: int = 100_000
+    n_layer: int = 12            # the GPT-2 124M shape, random weights: size and speed (perplexity means nothing)
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 1024
+    new_tokens: int = 128        # greedy decode, batch 1, prompt 16, best of rounds
+    rounds: int = 3
+    group_size: int = 64
+    variants: str = 'int8,dynamic,int4,nf4,prune'
+    num_threads: int = 0
+
+
+def quantized_variant(model, variant, group_size):
+    """A quantized (or 50%-pruned) copy of model and its save plan."""
+    import quantize
+    m = copy.deepcopy(model)
+    if variant == 'prune':
+        return m, dict(scheme=None, pruned=list(quantize.prune(m, 0.5)))
+    return m, quantize.quantize_model(m, variant, group_size)
+
+
+def interleaved_speed(models, new_tokens, rounds):
+    """Decode tokens/s of each model, timed in turn round after round (best per model), so that the machine's
+    slow spells hit every variant alike."""
+    import quantize
+    for m in models.values():
+        quantize.decode_speed(m, 4, rounds=1)  # warm-up: kernels' first-call packing
+    best = {v: 0.0 for v in models}
+    for _ in range(rounds):
+        for v, m in models.items():
+            best[v] = max(best[v], quantize.decode_speed(m, new_tokens, rounds=1))
+    return best
+
+
+def bench_quantize(argv):
+    import quantize
+    from sample import eval_data_tokens, eval_tokens, load_model
+    cfg = parse_config(QuantizeBenchConfig, argv)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    variants = cfg.variants.split(',')
+    results = {}
+    if cfg.init_from:  # a trained model: what each scheme costs in perplexity
+        model, tok = load_model(cfg.init_from)
+        qcfg = quantize.QuantizeConfig(max_eval_tokens=cfg.max_eval_tokens,
+                                       eval_data=cfg.eval_data or quantize.default_eval_data(cfg.init_from))
+        ids = eval_data_tokens(qcfg, tok)
+        print(f"bench quantize: {cfg.init_from} ({num_params(model) / 1e6:.1f}M parameters), val perplexity on "
+              f"{len(ids):,} tokens of {qcfg.eval_data}; decode batch 1, {cfg.new_tokens} new tokens, "
+              f"variants timed in turn, best of {cfg.rounds}")
+        models, rows = {'fp32': copy.deepcopy(model)}, {'fp32': {'size_bytes': quantize.file_bytes(model)}}
+        for v in variants:
+            models[v], plan = quantized_variant(model, v, cfg.group_size)
+            rows[v] = {'size_bytes': quantize.file_bytes(models[v], plan)}
+        for v, m in models.items():
+            rows[v].update(weight_bytes=quantize.weight_bytes(m), val_ppl=eval_tokens(m, ids)['ppl'])
+            pack_linears(m)  # as sample.py decodes on CPU
+        for v, tps in interleaved_speed(models, cfg.new_tokens, cfg.rounds).items():
+            rows[v]['tokens_per_sec'] = tps
+        print_quantize_table(rows, ppl=True)
+        results['trained'] = rows
+        del models
+    # the GPT-2 124M shape: size and decode speed at scale, and how far each scheme moves the logits
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model_type='gpt', n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                    vocab_size=cfg.vocab_size, block_size=cfg.block_size)).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    with torch.no_grad():
+        ref = model(x)[0]
+    print(f"\nGPT-2 124M shape, random weights: greedy decode batch 1, prompt 16, {cfg.new_tokens} new tokens, timed "
+          f"in turn, best of {cfg.rounds}; logits error = ||logits - fp32's|| / ||fp32's|| on 64 tokens")
+    models, rows = {}, {}
+    for v in ['fp32 stock', 'fp32', 'bf16'] + variants:
+        if v in ('fp32 stock', 'fp32', 'bf16'):
+            m, plan = copy.deepcopy(model).to(torch.bfloat16 if v == 'bf16' else torch.float32), None
+        else:
+            m, plan = quantized_variant(model, v, cfg.group_size)
+        rows[v] = {'size_bytes': quantize.file_bytes(m, plan), 'weight_bytes': quantize.weight_bytes(m)}
+        with torch.no_grad():
+            rows[v]['logits_error'] = ((m(x)[0].float() - ref).norm() / ref.norm()).item()
+        if v != 'fp32 stock':  # as sample.py decodes on CPU: full-precision Linears packed for oneDNN
+            pack_linears(m)
+        models[v] = m
+    for v, tps in interleaved_speed(models, cfg.new_tokens, cfg.rounds).items():
+        rows[v]['tokens_per_sec'] = tps
+    del models
+    print_quantize_table(rows, ppl=False)
+    results['gpt2_124m_shape'] = rows
+    r, base = rows, rows['fp32']
+    if 'int8' in r:
+        x8 = r['int8']['tokens_per_sec'] / base['tokens_per_sec']
+        print(f"target int8 decode >= 2x our fp32 (sample.py's packed path): {x8:.2f}x {'met' if x8 >= 2 else 'MISSED'}"
+              f" ({r['int8']['tokens_per_sec'] / r['fp32 stock']['tokens_per_sec']:.2f}x the stock fp32 path)")
+        s8 = base['size_bytes'] / r['int8']['size_bytes']
+        print(f"target int8 file >= 3.8x smaller: {s8:.2f}x {'met' if s8 >= 3.8 else 'MISSED'}")
+    if 'int4' in r:
+        s4 = base['size_bytes'] / r['int4']['size_bytes']
+        print(f"target int4 file >= 6x smaller: {s4:.2f}x {'met' if s4 >= 6 else 'MISSED'}")
+    if 'trained' in results:
+        t = results['trained']
+        for v, limit in (('int8', 0.005), ('int4', 0.05)):
+            if v in t:
+                d = t[v]['val_ppl'] / t['fp32']['val_ppl'] - 1
+                print(f"target {v} perplexity within +{limit:.1%}: {d:+.2%} {'met' if d <= limit else 'MISSED'}")
+    return results
+
+
+def print_quantize_table(rows, ppl):
+    base = rows['fp32']
+    cols = [('file MB', 'size_bytes', 1e-6, '{:9.1f}'), ('weights MB', 'weight_bytes', 1e-6, '{:10.1f}')]
+    cols += [('val ppl', 'val_ppl', 1, '{:8.3f}')] if ppl else [('logits err', 'logits_error', 1, '{:10.4f}')]
+    cols += [('tok/s', 'tokens_per_sec', 1, '{:7.1f}')]
+    print(f"{'variant':<11}" + ''.join(f" {c[0]:>{len(c[3].format(0))}} {'x':>6}" for c in cols))
+    for v, r in rows.items():
+        line = f"{v:<11}"
+        for _, key, unit, fmt in cols:
+            rel = r[key] / base[key] if base[key] else float('nan')
+            line += ' ' + fmt.format(r[key] * unit) + f" {rel:6.3f}"
+        print(line)
+
+
+BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
+           'quantize': bench_quantize}
 
 
 def main(argv):

@@ -8,6 +8,7 @@ Quantization and pruning: smaller weights, faster decoding, and what each costs 
 
 Weight-only schemes swap modules in for nn.Linear (and nn.Embedding) without the model code knowing:
     Int8Linear   int8 per output channel, symmetric                  ~1 byte per weight
+                 (scheme 'dynamic': the same weights, activations quantized to int8 on the fly too)
     Int4Linear   4-bit group-wise (32/64/128), asymmetric, 2 per byte  ~0.56 bytes at group 64
     NF4Linear    QLoRA's 4-bit NormalFloat, block 64, double-quantized  ~0.52 bytes
 quantize_model(model, 'int8') converts a model in place; save_quantized / load_quantized keep the packed
@@ -19,6 +20,7 @@ another project; the command line at the bottom uses the rest of the repo.
 import dataclasses
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -213,6 +215,7 @@ class Int8Linear(QuantLinear):
         self.register_buffer('weight_q', q)
         self.register_buffer('scale', scale)
         self._bias(bias)
+        self.dynamic, self.fbgemm = False, None  # dynamic: int8 activations too (quantize_model's 'dynamic')
 
     @classmethod
     def from_linear(cls, lin):
@@ -226,12 +229,33 @@ class Int8Linear(QuantLinear):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        # x @ (q * s)^T = (x @ q^T) * s: the int8 matrix is read as it is and the scale applied to the output
-        y = F.linear(x, self.weight_q.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.dynamic and x.device.type == 'cpu':
+            return self._dynamic(x)
+        if x.device.type == 'cpu' and hasattr(torch.ops.aten, '_weight_int8pack_mm'):
+            # ATen's int8-weight matmul reads the int8 matrix as it is: 3-4x faster than fp32 when decoding. It
+            # takes bf16 activations (its fp32 path is ~10x slower), so the input is rounded to bf16 here.
+            bf16 = torch.bfloat16
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(bf16), self.weight_q,
+                                                   self.scale.to(bf16)).view(*x.shape[:-1], -1).to(x.dtype)
+        else:  # x @ (q * s)^T = (x @ q^T) * s: the scale is applied to the output
+            y = F.linear(x, self.weight_q.to(x.dtype)) * self.scale.to(x.dtype)
         return y if bias is None else y + bias
 
+    def _dynamic(self, x):
+        # dynamic activation quantization (fbgemm): each input row is quantized to int8 on the fly and the
+        # product runs in int8 with int32 sums: a little faster than weight-only int8 on CPU, ~1-2% output error
+        if self.fbgemm is None:
+            with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the kernel is current
+                warnings.simplefilter('ignore', UserWarning)
+                q = torch._make_per_channel_quantized_tensor(self.weight_q, self.scale.double(),
+                                                             torch.zeros_like(self.scale, dtype=torch.long), 0)
+            self.fbgemm = torch.ops.quantized.linear_prepack(q, None if self.bias is None else self.bias.float())
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.fbgemm, True)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"dynamic={self.dynamic}"
 
 
 def int4_quantize(w, group_size=64):
@@ -266,6 +290,9 @@ class Int4Linear(QuantLinear):
         self.register_buffer('codes', pack_4bit(codes.reshape(-1)).view(self.out_features, -1))
         self.register_buffer('scales', scale)
         self.register_buffer('zeros', zero)
+        # the CPU kernel's copy (see _pack_for_cpu), made at the first forward on CPU; not saved
+        self.register_buffer('cpu_packed', torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer('cpu_scales_zeros', torch.empty(0, dtype=torch.bfloat16), persistent=False)
         self._bias(bias)
 
     @classmethod
@@ -277,6 +304,29 @@ class Int4Linear(QuantLinear):
 
     def dequantized_weight(self, dtype=torch.float32):
         return int4_dequantize(self.unpacked(), self.scales, self.zeros, dtype)
+
+    def forward(self, x):
+        if x.device.type != 'cpu' or not hasattr(torch.ops.aten, '_weight_int4pack_mm_for_cpu') or \
+                self.in_features % 64:
+            return super().forward(x)  # dequantize, then an ordinary matmul
+        if self.cpu_packed.numel() == 0:
+            self._pack_for_cpu()
+        bf16, N = torch.bfloat16, self.out_features
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(bf16), self.cpu_packed,
+                                                      self.group_size, self.cpu_scales_zeros)
+        y = y[:, :N].reshape(*x.shape[:-1], N).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _pack_for_cpu(self):
+        # ATen's int4 matmul for CPU wants its own tiled layout with out_features a multiple of 16 (padded with
+        # zero rows) and, per group, bf16 (scale, zero + 8 * scale): it computes (q - 8) * scale + that. The copy
+        # costs as much memory as the codes; without it every forward would unpack the whole matrix.
+        pad = -self.out_features % 16
+        codes = F.pad(self.unpacked().to(torch.int32), (0, 0, 0, pad))
+        scale, zero = F.pad(self.scales.float(), (0, 0, 0, pad)), F.pad(self.zeros.float(), (0, 0, 0, pad))
+        self.cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.cpu_scales_zeros = torch.stack((scale, zero + 8 * scale), dim=2).transpose(0, 1).contiguous() \
+            .to(torch.bfloat16)  # (in / group, out, 2)
 
     def rows(self, idx, dtype):
         codes = unpack_4bit(self.codes[idx].reshape(-1)).view(-1, self.in_features)
@@ -310,12 +360,14 @@ class QuantEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # converting, saving and loading a model
 
-SCHEMES = ('int8', 'int4', 'nf4')
+SCHEMES = ('int8', 'int4', 'nf4', 'dynamic')
 
 
 def _quantized(lin, scheme, group_size):
-    if scheme == 'int8':
-        return Int8Linear.from_linear(lin)
+    if scheme in ('int8', 'dynamic'):
+        q = Int8Linear.from_linear(lin)
+        q.dynamic = scheme == 'dynamic' and hasattr(torch.ops.quantized, 'linear_dynamic')
+        return q
     if scheme == 'int4':
         return Int4Linear.from_linear(lin, group_size)
     if scheme == 'nf4':
@@ -494,7 +546,7 @@ def decode_speed(model, new_tokens=64, prompt_len=16, batch_size=1, rounds=2):
 @dataclasses.dataclass
 class QuantizeConfig:
     init_from: str = 'out'          # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder
-    mode: str = 'int8'              # int8 | int4 | nf4 | prune
+    mode: str = 'int8'              # int8 | int4 | nf4 | dynamic (int8 weights and activations) | prune
     group_size: int = 64            # int4 group / nf4 block: inputs sharing a scale
     embeddings: bool = True         # quantize the token table too (with GPT-2 it is also the output head)
     skip: str = ''                  # comma-separated Linear names to keep in full precision
@@ -564,7 +616,7 @@ def main(argv):
     from train import UserError, parse_config, print_config, resolve_device
     cfg = parse_config(QuantizeConfig, argv)
     if cfg.mode not in SCHEMES + ('prune',):
-        raise UserError(f"mode must be int8, int4, nf4 or prune, not '{cfg.mode}'")
+        raise UserError(f"mode must be int8, int4, nf4, dynamic or prune, not '{cfg.mode}'")
     if cfg.mode == 'prune' and not (0 <= cfg.sparsity < 1 and cfg.prune_scope in ('global', 'layer') and
                                     cfg.prune_pattern in ('unstructured', '2:4')):
         raise UserError("prune needs 0 <= sparsity < 1, prune_scope global|layer, prune_pattern unstructured|2:4")
