@@ -728,8 +728,100 @@ def print_quantize_table(rows, ppl):
         print(line)
 
 
+@dataclass
+class RagBenchConfig:
+    qa: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'qa',
+                           'pubmedqa_ori_pqal.json')
+    embed_from: str = ''         # a checkpoint for the dense and hybrid rows; '' = BM25 only
+    rounds: int = 3              # the best time of each library counts
+
+
+def bench_rag(argv):
+    """PubMedQA-L: each question's abstract is a document; a retrieved chunk is a hit when it comes from that
+    question's abstract. BM25 index build and queries against rank_bm25 and bm25s on the same chunks."""
+    import rag
+    cfg = parse_config(RagBenchConfig, argv)
+    if not os.path.isfile(cfg.qa):
+        sys.exit(f"error: no PubMedQA file at {cfg.qa} (../shared/data/qa/pubmedqa_ori_pqal.json)")
+    data = json.load(open(cfg.qa))
+    with tempfile.TemporaryDirectory() as tmp:
+        for pmid, rec in data.items():
+            with open(os.path.join(tmp, f'{pmid}.txt'), 'w') as f:
+                f.write(' '.join(rec['CONTEXTS']))
+        items = [{'question': rec['QUESTION'], 'source': f'{pmid}.txt'} for pmid, rec in data.items()]
+        idx = rag.Index(rag.RagConfig(embed_from=cfg.embed_from))
+        t0 = time.perf_counter()
+        idx.update(tmp, log=lambda *a: None)
+        idx.postings()
+        t_ours_all = time.perf_counter() - t0
+    chunks = [rag.terms(c['text']) for c in idx.chunks]
+    queries = [rag.terms(it['question']) for it in items]
+    print(f"bench rag: PubMedQA-L, {len(data)} abstracts -> {len(idx.chunks)} chunks, {len(items)} questions; "
+          f"best of {cfg.rounds}; indexing from files (read, chunk, count{', embed' if cfg.embed_from else ''}): "
+          f"{t_ours_all:.2f}s")
+
+    def best(fn):
+        times = []
+        for _ in range(cfg.rounds):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    def ours_build():
+        i = rag.Index(rag.RagConfig())
+        i.chunks = [{'length': len(c)} for c in chunks]
+        for c in chunks:
+            ids = np.array([i.vocab.setdefault(w, len(i.vocab)) for w in c], dtype=np.int64)
+            u, tf = np.unique(ids, return_counts=True)
+            i.chunk_terms.append(u)
+            i.chunk_tfs.append(tf)
+        i.postings()
+        return i
+    rows = {}
+    t_build, _ = best(ours_build)
+    t_query, _ = best(lambda: idx.search([it['question'] for it in items], 10, 'bm25'))
+    rows['ours'] = (t_build, len(items) / t_query)
+    try:
+        import rank_bm25
+        t_build, ref = best(lambda: rank_bm25.BM25Okapi(chunks))
+        t_query, _ = best(lambda: [np.argsort(-ref.get_scores(q))[:10] for q in queries])
+        rows['rank_bm25'] = (t_build, len(items) / t_query)
+    except ImportError:
+        print("rank_bm25 is not installed (pip install -r requirements-dev.txt): its row is left out")
+    try:
+        import bm25s
+
+        def bm25s_build():
+            r = bm25s.BM25()
+            r.index(chunks, show_progress=False)
+            return r
+        t_build, r = best(bm25s_build)
+        t_query, _ = best(lambda: r.retrieve(queries, k=10, show_progress=False))
+        rows['bm25s'] = (t_build, len(items) / t_query)
+    except ImportError:
+        print("bm25s is not installed (pip install -r requirements-dev.txt): its row is left out")
+    print(f"{'BM25':<10} {'build s':>8} {'queries/s':>10}")
+    for name, (b, q) in rows.items():
+        print(f"{name:<10} {b:8.3f} {q:10,.0f}")
+    if 'rank_bm25' in rows:
+        x = rows['ours'][1] / rows['rank_bm25'][1]
+        print(f"target query throughput >= 10x rank_bm25: {x:.0f}x {'met' if x >= 10 else 'MISSED'}")
+    quality = {}
+    for retriever in (['bm25', 'dense', 'hybrid'] if idx.dense is not None else ['bm25']):
+        quality[retriever] = rag.evaluate(idx, items, retriever)
+        q = quality[retriever]
+        print(f"{retriever:<7} recall@1 {q['recall@1']:.3f}  recall@5 {q['recall@5']:.3f}  recall@10 "
+              f"{q['recall@10']:.3f}  MRR {q['mrr']:.3f}")
+    if 'hybrid' in quality:
+        h, other = quality['hybrid']['recall@5'], max(quality['bm25']['recall@5'], quality['dense']['recall@5'])
+        print(f"target hybrid recall@5 >= the better of BM25 and dense: {h:.3f} vs {other:.3f} "
+              f"{'met' if h >= other else 'MISSED'}")
+    return rows, quality
+
+
 BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
-           'quantize': bench_quantize}
+           'quantize': bench_quantize, 'rag': bench_rag}
 
 
 def main(argv):
