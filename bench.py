@@ -820,8 +820,111 @@ def bench_rag(argv):
     return rows, quality
 
 
+@dataclass
+class ServeBenchConfig:
+    n_layer: int = 12            # the GPT-2 124M shape, random weights, GPT-2's tokenizer
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    new_tokens: int = 64         # per request; greedy would stop nowhere on random weights either way
+    clients: str = '1,4,8'
+    rounds: int = 2              # the best of rounds counts
+    port: int = 8765
+
+
+def stream_request(url, prompt, max_tokens):
+    """(seconds to the first text, seconds in all, completion tokens) of one streamed chat request."""
+    import urllib.request
+    body = json.dumps({'messages': [{'role': 'user', 'content': prompt}], 'max_tokens': max_tokens, 'stream': True,
+                       'temperature': 0.8, 'stream_options': {'include_usage': True}}).encode()
+    t0, first, tokens = time.perf_counter(), None, 0
+    req = urllib.request.Request(url + '/v1/chat/completions', data=body, headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b'data: {'):
+                chunk = json.loads(line[6:])
+                if first is None and chunk['choices'] and chunk['choices'][0]['delta'].get('content'):
+                    first = time.perf_counter() - t0
+                if chunk.get('usage'):
+                    tokens = chunk['usage']['completion_tokens']
+    return first or float('nan'), time.perf_counter() - t0, tokens
+
+
+def bench_serve(argv):
+    """Time to first token and tokens/s of chat_ui.py for 1, 4 and 8 concurrent streaming clients, against the
+    same model decoding the same number of tokens through sample.py's path (load_model, packed, generate)."""
+    import threading
+    import urllib.request
+    from sample import load_model
+    cfg = parse_config(ServeBenchConfig, argv)
+    tmp = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    margs = dict(model_type='gpt', n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=50257,
+                 block_size=cfg.block_size)
+    torch.save({'model': build_model(ModelConfig(**margs)).state_dict(), 'model_args': margs,
+                'meta': {'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}}}, os.path.join(tmp, 'ckpt.pt'))
+    prompt = 'Tell me about the history of the printing press in Europe.'
+    model, tok = load_model(tmp)
+    pack_linears(model)
+    ids = tok.encode('User: ' + prompt + '\nAssistant:')
+    direct = 0.0
+    for _ in range(cfg.rounds):  # the whole request: prefill and new tokens, as a client sees it
+        t0 = time.perf_counter()
+        n = sum(1 for _ in model.generate_stream([ids], cfg.new_tokens, temperature=0.8, eos_id=None))
+        direct = max(direct, n / (time.perf_counter() - t0))
+    del model
+    env = {**os.environ, 'CHAT_UI_QUIET': '1'}
+    server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat_ui.py'),
+                               f'--init_from={tmp}', f'--port={cfg.port}', f'--max_tokens={cfg.new_tokens}'], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f'http://127.0.0.1:{cfg.port}'
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + '/health', timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit(f"error: chat_ui.py did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        stream_request(url, 'warm up', 4)
+        print(f"bench serve: GPT-2 124M shape ({cfg.n_layer}L {cfg.n_embd}C), {cfg.new_tokens} new tokens per "
+              f"request, sampling; sample.py's path alone: {direct:.1f} tokens/s (prefill included)")
+        print(f"{'clients':>7} {'TTFT s':>8} {'tok/s per client':>17} {'total tok/s':>12}")
+        rows = {}
+        for c in [int(x) for x in cfg.clients.split(',')]:
+            best = None
+            for _ in range(cfg.rounds):
+                out = [None] * c
+                threads = [threading.Thread(target=lambda i: out.__setitem__(i, stream_request(url, prompt, cfg.new_tokens)),
+                                            args=(i,)) for i in range(c)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                r = dict(ttft=statistics.mean(o[0] for o in out),
+                         per_client=statistics.mean(o[2] / o[1] for o in out),
+                         total=sum(o[2] for o in out) / wall)
+                best = r if best is None or r['total'] > best['total'] else best
+            rows[c] = best
+            print(f"{c:>7} {best['ttft']:8.3f} {best['per_client']:17.1f} {best['total']:12.1f}")
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if 1 in rows:
+        x = rows[1]['total'] / direct
+        print(f"target 1 client >= 90% of sample.py's tokens/s: {x:.0%} {'met' if x >= 0.9 else 'MISSED'}")
+    if 1 in rows and 8 in rows:
+        x = rows[8]['total'] / rows[1]['total']
+        print(f"target 8 clients >= 2x the single-client total tokens/s: {x:.2f}x {'met' if x >= 2 else 'MISSED'}")
+    return direct, rows
+
+
 BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
-           'quantize': bench_quantize, 'rag': bench_rag}
+           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve}
 
 
 def main(argv):
@@ -829,6 +932,9 @@ def main(argv):
         return train_worker(parse_config(BenchConfig, argv[1:]))
     if argv[:1] == ['_finetune_worker']:
         return finetune_worker(parse_config(FinetuneBenchConfig, argv[2:]), argv[1])
+    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiktoken_cache')
+    if os.path.isdir(cache):  # GPT-2's tokenizer offline, from ../shared
+        os.environ.setdefault('TIKTOKEN_CACHE_DIR', cache)
     if not argv or argv[0] not in BENCHES:
         sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [config.py] [--key=value ...]")
     BENCHES[argv[0]](argv[1:])
