@@ -388,12 +388,10 @@ def _embedding_names(model):
     return 'transformer.wte', ('lm_head' if cfg.tie_embeddings else None)
 
 
-def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=(), quantized=None):
+def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=()):
     """Replace model's Linears (all, but names in skip) by scheme's quantized ones, in place, and with embeddings
-    the token table too (tied to the head: one quantized matrix serves both). quantized: {name: module} to use
-    instead of quantizing those layers here (calibrated ones, say). Returns the plan, a dict that
+    the token table too (tied to the head: one quantized matrix serves both). Returns the plan, a dict that
     load_quantized needs to rebuild the same structure: scheme, group_size, embeddings, skip."""
-    quantized = quantized or {}
     emb_name, tied = _embedding_names(model)
     emb = model.get_submodule(emb_name)
     dtype = emb.weight.dtype
@@ -403,17 +401,10 @@ def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=()
         _set(model, emb_name, QuantEmbedding(_quantized(table, scheme, group_size), dtype))
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name not in skip and (embeddings or name != tied):
-            _set(model, name, quantized.get(name) or _quantized(m, scheme, group_size))
+            _set(model, name, _quantized(m, scheme, group_size))
     if embeddings and tied is not None:
         _set(model, emb_name, QuantEmbedding(model.get_submodule(tied), dtype))
     return dict(scheme=scheme, group_size=group_size, embeddings=embeddings, skip=list(skip))
-
-
-def _empty_like_plan(model, plan):
-    # the quantized structure of plan on a freshly built model, with placeholder values that load_state_dict fills
-    with torch.device('meta'):
-        pass
-    return quantize_model(model, plan['scheme'], plan['group_size'], plan['embeddings'], plan['skip'])
 
 
 def weight_bytes(model):
