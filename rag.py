@@ -6,6 +6,7 @@ of our models), retrieve passages for a question, and let a model answer from th
     python rag.py query --index=rag-index "What does PEP 8 say about line length?"
     python rag.py ask --index=rag-index --init_from=out-lora-gpt2-instruct "What does PEP 8 say about tabs?"
     python rag.py eval --index=rag-index --qa=questions.jsonl --report=rag.json
+    python rag.py tune --index=rag-index --embed_from=out-shakespeare-char --out_dir=out-embed   # dense, by self-supervision
 
 BM25 (Okapi) is written out over numpy arrays. Dense retrieval embeds each chunk with a checkpoint of ours
 (--embed_from: mean of the last hidden states, normalised; cosine similarity). Hybrid retrieval fuses both
@@ -46,7 +47,8 @@ class RagConfig:
     idf: str = 'lucene'             # lucene: log(1 + (N - n + .5) / (n + .5)); okapi: rank_bm25's BM25Okapi
     retriever: str = 'auto'         # bm25 | dense | hybrid | auto (hybrid when the index has vectors)
     top_k: int = 5                  # passages shown (query) or given to the model (ask)
-    rrf_k: int = 60                 # reciprocal rank fusion: score = sum of 1 / (rrf_k + rank)
+    rrf_k: int = 60                 # reciprocal rank fusion: score = sum of weight / (rrf_k + rank)
+    dense_weight: float = 1.0       # hybrid: the dense ranking's weight in the fusion (BM25's is 1)
     qa: str = ''                    # eval: JSONL of {question, answers?, source?}
     report: str = ''                # eval: write the figures here as JSON
     init_from: str = ''             # ask: the model that answers
@@ -55,6 +57,12 @@ class RagConfig:
     top_p: float = 1.0
     seed: int = 1337
     batch_size: int = 16            # chunks embedded together
+    pooling: str = 'auto'           # dense vectors: mean of the last hidden states (hidden) or of the token
+                                    # embeddings (embeddings); auto = embeddings for a `rag.py tune` checkpoint
+    out_dir: str = ''               # tune: where the tuned embedding model goes
+    tune_steps: int = 400           # tune: contrastive steps (batches of tune_batch chunks)
+    tune_batch: int = 32
+    tune_lr: float = 3e-3
     device: str = 'cpu'
 
 
@@ -142,7 +150,8 @@ class Index:
     (postings()), so chunks can be added and removed without re-reading or re-embedding the others."""
 
     def __init__(self, cfg):
-        self.settings = {k: getattr(cfg, k) for k in ('chunk_tokens', 'chunk_overlap', 'k1', 'b', 'idf', 'embed_from')}
+        self.settings = {k: getattr(cfg, k) for k in ('chunk_tokens', 'chunk_overlap', 'k1', 'b', 'idf', 'embed_from',
+                                                      'pooling')}
         self.root, self.files, self.chunks = None, {}, []
         self.vocab, self.chunk_terms, self.chunk_tfs, self.dense = {}, [], [], None
         self._postings, self._embedder = None, None
@@ -214,7 +223,7 @@ class Index:
                 scores[d[s:e]] += w[s:e]  # a term's chunks are distinct, so fancy-index += adds each once
         return scores
 
-    def search(self, queries, k, retriever='auto', rrf_k=60):
+    def search(self, queries, k, retriever='auto', rrf_k=60, dense_weight=1.0):
         """For each query, [(chunk index, score)] best first: BM25 scores, cosine similarities, or fused
         reciprocal-rank scores."""
         retriever = ('hybrid' if self.dense is not None else 'bm25') if retriever == 'auto' else retriever
@@ -234,9 +243,9 @@ class Index:
             else:  # each ranking's top candidates; a chunk scores 1 / (rrf_k + its rank) in each list it is in
                 fused = {}
                 depth = max(k, 100)
-                for ranking in (self.bm25_top(q, depth), top(dense[i], depth)):
+                for ranking, weight in ((self.bm25_top(q, depth), 1.0), (top(dense[i], depth), dense_weight)):
                     for rank, (c, _) in enumerate(ranking, 1):
-                        fused[c] = fused.get(c, 0.0) + 1.0 / (rrf_k + rank)
+                        fused[c] = fused.get(c, 0.0) + weight / (rrf_k + rank)
                 out.append(sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
         return out
 
@@ -244,30 +253,17 @@ class Index:
     def embedder(self, device='cpu'):
         if self._embedder is None:
             model, tok = load_model(self.settings['embed_from'], device)
+            if self.settings['pooling'] == 'auto':
+                self.settings['pooling'] = tuned_pooling(self.settings['embed_from']) or 'hidden'
             self._embedder = (model, tolerant(tok))
         return self._embedder
 
     @torch.no_grad()
     def embed(self, texts, batch_size=16):
-        """Normalised mean-pooled last hidden states (n, C) of the embedding model, texts cut to its context."""
+        """Normalised vectors (n, C) of texts from the embedding model (see embed_texts)."""
         model, tok = self.embedder()
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids = [tok.encode(t)[:model.config.block_size] or [0] for t in texts[i:i + batch_size]]
-            T = max(len(x) for x in ids)
-            x = torch.zeros(len(ids), T, dtype=torch.long)
-            mask = torch.zeros(len(ids), T, dtype=torch.bool)
-            for j, row in enumerate(ids):  # right padding: causal models never let real tokens see it
-                x[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), True
-            dev = next(model.parameters()).device
-            x, mask = x.to(dev), mask.to(dev)
-            if model.config.model_type == 'bert':
-                h = model.encode(x, attention_mask=mask)
-            else:
-                h = model.transformer.ln_f(model.hidden(x))
-            m = mask[..., None].to(h.dtype)
-            v = (h * m).sum(1) / m.sum(1)                   # (B, C) mean over real tokens
-            out.append(torch.nn.functional.normalize(v.float(), dim=-1).cpu().numpy())
+        out = [embed_texts(model, tok, texts[i:i + batch_size], self.settings['pooling']).numpy()
+               for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -368,6 +364,80 @@ class Index:
         return idx
 
 
+def embed_texts(model, tok, texts, pooling='hidden', max_len=None):
+    """(n, C) unit vectors: the mean over each text's tokens of the model's last hidden states ('hidden') or of
+    its token embeddings ('embeddings'), texts cut to max_len tokens (default: the context). Differentiable."""
+    ids = [tok.encode(t)[:max_len or model.config.block_size] or [0] for t in texts]
+    T = max(len(x) for x in ids)
+    dev = next(model.parameters()).device
+    x = torch.zeros(len(ids), T, dtype=torch.long, device=dev)
+    mask = torch.zeros(len(ids), T, dtype=torch.bool, device=dev)
+    for j, row in enumerate(ids):  # right padding: causal models never let real tokens see it
+        x[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), True
+    bert = model.config.model_type == 'bert'
+    if pooling == 'embeddings':
+        h = (model.embeddings.wte if bert else model.transformer.wte)(x)
+    elif pooling == 'hidden':
+        h = model.encode(x, attention_mask=mask) if bert else model.transformer.ln_f(model.hidden(x))
+    else:
+        raise UserError(f"pooling must be hidden or embeddings, not '{pooling}'")
+    m = mask[..., None].to(h.dtype)
+    return torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1).cpu()  # (B, C)
+
+
+def tuned_pooling(embed_from):
+    # the pooling a `rag.py tune` checkpoint was trained for (None for any other model)
+    path = os.path.join(embed_from, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('rag_pooling')
+
+
+def cloze(text, rng):
+    """(query, context) for the inverse cloze task: one sentence of the chunk, and the chunk without it (one
+    time in ten with it, so that overlap still counts). Text without sentences gives a 16-word window."""
+    sents = [s for s in re.split(r'(?<=[.!?])\s+', text) if len(s) > 20]
+    if len(sents) < 2:
+        words = text.split()
+        k = rng.randrange(max(1, len(words) - 16))
+        return ' '.join(words[k:k + 16]), ' '.join(words[:k] + words[k + 16:]) or text
+    k = rng.randrange(len(sents))
+    return sents[k], text if rng.random() < 0.1 else ' '.join(sents[:k] + sents[k + 1:])
+
+
+def tune(idx, cfg, log=print):
+    """Teach an embedding model this index's text, without labels: the inverse cloze task (Lee et al. 2019).
+    A sentence of a chunk must pick the rest of its chunk out of the batch's other chunks (cross-entropy over
+    cosine similarities / 0.05). Only the token embedding table trains, and texts are embedded as the mean of
+    their token embeddings: a few hundred steps take under a minute on a CPU. Writes out_dir/ckpt.pt."""
+    import random
+    from train import save_checkpoint
+    model, tok = load_model(cfg.embed_from, resolve_device(cfg.device))
+    tok = tolerant(tok)
+    texts = [c['text'] for c in idx.chunks]
+    if len(texts) < 2:
+        raise UserError("tune needs an index of at least 2 chunks")
+    table = (model.embeddings.wte if model.config.model_type == 'bert' else model.transformer.wte).weight
+    model.requires_grad_(False)
+    table.requires_grad_(True)
+    opt = torch.optim.AdamW([table], lr=cfg.tune_lr, weight_decay=0.0)
+    rng, B = random.Random(cfg.seed), min(cfg.tune_batch, len(texts))
+    for step in range(1, cfg.tune_steps + 1):
+        pairs = [cloze(texts[i], rng) for i in rng.sample(range(len(texts)), B)]
+        q = embed_texts(model, tok, [p[0] for p in pairs], 'embeddings', max_len=64)
+        c = embed_texts(model, tok, [p[1] for p in pairs], 'embeddings')
+        loss = torch.nn.functional.cross_entropy(q @ c.T / 0.05, torch.arange(B))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.tune_steps:
+            log(f"tune step {step}/{cfg.tune_steps}: loss {loss.item():.4f} (chance {np.log(B):.2f})")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config), 'meta': {'tokenizer': tok.meta},
+                     'rag_pooling': 'embeddings', 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+    return model
+
+
 def tolerant(tok):
     """tok, but a character-level tokenizer drops the characters its training text lacked instead of failing:
     documents hold characters (accents, symbols) that a small char model has never seen."""
@@ -424,7 +494,7 @@ def ask(idx, cfg, question, out=sys.stdout):
     """Retrieve, build the prompt, stream the answer, list the sources. Returns (answer, passages, notes)."""
     model, tok = load_model(cfg.init_from, resolve_device(cfg.device))
     tok = tolerant(tok)
-    (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k)
+    (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k, cfg.dense_weight)
     passages = [(idx.chunks[i], s) for i, s in hits]
     max_new = min(cfg.max_new_tokens, model.config.block_size // 2)
     style = chat_style(tok)
@@ -476,11 +546,11 @@ def is_hit(chunk, item):
     return any(a.lower() in text for a in item['answers'])
 
 
-def evaluate(idx, items, retriever='auto', rrf_k=60):
+def evaluate(idx, items, retriever='auto', rrf_k=60, dense_weight=1.0):
     """recall@1/5/10 (a hit among the first k chunks) and MRR (1 / rank of the first hit in the top 10, else
     0), over the questions; also queries/s of the retrieval."""
     t0 = time.perf_counter()
-    results = idx.search([it['question'] for it in items], 10, retriever, rrf_k)
+    results = idx.search([it['question'] for it in items], 10, retriever, rrf_k, dense_weight)
     dt = time.perf_counter() - t0
     first = []
     for item, hits in zip(items, results):
@@ -496,7 +566,7 @@ def evaluate(idx, items, retriever='auto', rrf_k=60):
 # command line
 
 def main(argv):
-    commands = ('index', 'query', 'ask', 'eval')
+    commands = ('index', 'query', 'ask', 'eval', 'tune')
     if not argv or argv[0] not in commands:
         raise UserError(f"usage: python rag.py {{{'|'.join(commands)}}} [--key=value ...] [\"question\"]")
     command, rest = argv[0], argv[1:]
@@ -525,10 +595,17 @@ def main(argv):
     if stale:
         print(f"note: {len(stale)} source file(s) changed since indexing ({', '.join(stale[:3])}): run "
               f"`python rag.py index --docs=... --index={cfg.index}` again", file=sys.stderr)
+    if command == 'tune':
+        if not (cfg.embed_from and cfg.out_dir):
+            raise UserError("tune needs --embed_from=CHECKPOINT (the model to start from) and --out_dir=DIR")
+        tune(idx, cfg)
+        print(f"wrote {cfg.out_dir}/ckpt.pt; index with it: python rag.py index --docs=... --index=NEW_DIR "
+              f"--embed_from={cfg.out_dir}")
+        return cfg.out_dir
     if command in ('query', 'ask') and not question:
         raise UserError(f"{command} needs a question: python rag.py {command} --index={cfg.index} \"...\"")
     if command == 'query':
-        (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k)
+        (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k, cfg.dense_weight)
         for n, (i, s) in enumerate(hits, 1):
             c = idx.chunks[i]
             print(f"[{n}] {s:.4f}  {c['source']} (characters {c['start']}-{c['end']})\n    "
@@ -540,7 +617,7 @@ def main(argv):
         return ask(idx, cfg, question)
     if not cfg.qa:
         raise UserError("eval needs --qa=FILE.jsonl of {question, answers?, source?}")
-    report = evaluate(idx, read_qa(cfg.qa), cfg.retriever, cfg.rrf_k)
+    report = evaluate(idx, read_qa(cfg.qa), cfg.retriever, cfg.rrf_k, cfg.dense_weight)
     print(', '.join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
     if cfg.report:
         with open(cfg.report, 'w') as f:

@@ -240,3 +240,21 @@ def test_eval_and_question_errors(peps, tmp_path):
         rag.main(['query', f'--index={peps}'])
     with pytest.raises(UserError, match='has no dense vectors'):
         rag.main(['query', f'--index={peps}', '--retriever=dense', 'hello'])
+
+
+def test_tune_teaches_the_embedding_model_this_text(peps, tiny_gpt2, tmp_path):
+    # the inverse cloze task on the index's own chunks, no labels: dense retrieval goes from chance to useful
+    qa = tmp_path / 'qa.jsonl'
+    qa.write_text(''.join(json.dumps({'question': q, 'source': s}) + '\n' for q, s in GOLD))
+    out = str(tmp_path / 'embed')
+    rag.main(['tune', f'--index={peps}', f'--embed_from={tiny_gpt2}', f'--out_dir={out}', '--tune_steps=150'])
+    scores = {}
+    for name, model in (('before', tiny_gpt2), ('after', out)):
+        index = str(tmp_path / name)
+        rag.main(['index', f"--docs={shared_file('docs')}", f'--index={index}', f'--embed_from={model}'])
+        scores[name] = rag.main(['eval', f'--index={index}', f'--qa={qa}', '--retriever=dense'])['mrr']
+    assert rag.Index.load(str(tmp_path / 'after')).settings['pooling'] == 'embeddings'
+    assert rag.Index.load(str(tmp_path / 'before')).settings['pooling'] == 'hidden'
+    assert scores['after'] >= 0.3 and scores['after'] > scores['before'] + 0.2, scores
+    with pytest.raises(UserError, match='tune needs --embed_from'):
+        rag.main(['tune', f'--index={peps}'])
