@@ -180,6 +180,7 @@ class Engine:
                 if not any(live):
                     break  # leaving the generator stops the decoding
         finally:
+            steps.close()  # now, in this thread: the generator's cleanup drops the model's KV caches
             for i in range(len(owners)):
                 if live[i]:
                     end(i, 'stop')
