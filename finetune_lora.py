@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from prepare import decode_file
 from quantize import NF4Linear
-from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer
+from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer, read_json_records
 from train import (TrainConfig, UserError, get_batch, load_checkpoint, load_data, parse_config, resolve_device,
                    resolve_dtype, run_cli, save_checkpoint, train)
 
@@ -272,31 +271,6 @@ ALPACA = ("Below is an instruction that describes a task{paired}. Write a respon
           "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-def read_records(path):
-    """A list of dicts from a JSON array or a JSONL file, with one-line errors that point at the bad line."""
-    if not os.path.isfile(path):
-        raise UserError(f"data file '{path}' not found: give --data=FILE.json or .jsonl")
-    text, why = decode_file(path)
-    if text is None:
-        raise UserError(f"data file '{path}' {why}: give a JSON or JSONL file")
-    if text.lstrip().startswith('['):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-    if not records or not all(isinstance(r, dict) for r in records):
-        raise UserError(f"{path} must hold JSON objects (one per line, or an array of them), and at least one")
-    return records
-
-
 def sft_texts(rec, template, style, where):
     """(prompt, response) of one record: Alpaca/Dolly fields, or chat messages ending with the assistant's."""
     if 'messages' in rec:
@@ -503,7 +477,7 @@ def classify_data(cfg, tok):
         with open(cfg.data, newline='', encoding='utf-8', errors='replace') as f:
             records = list(csv.DictReader(f))
     else:
-        records = read_records(cfg.data)
+        records = read_json_records(cfg.data, '--data')
     for n, r in enumerate(records, 1):
         if cfg.text_field not in r or cfg.label_field not in r:
             raise UserError(f"{cfg.data} record {n} has no '{cfg.text_field}' and '{cfg.label_field}' (found "
@@ -546,7 +520,7 @@ def classify_report(model, examples, labels, device):
 
 def sft_data(cfg, tok, master):
     """Train and held-out examples from cfg.data, split by a seeded shuffle."""
-    records = read_records(cfg.data)
+    records = read_json_records(cfg.data, '--data')
     style = chat_style(tok)
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_val = max(1, int(len(records) * cfg.val_fraction)) if len(records) > 1 else 0

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from prepare import decode_file
-from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, stream_text
+from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, read_json_records, stream_text
 from train import UserError, parse_config, resolve_device, run_cli
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
@@ -521,21 +521,11 @@ def ask(idx, cfg, question, out=sys.stdout):
 # evaluation: recall@k and MRR against gold sources or answer strings
 
 def read_qa(path):
-    if not os.path.isfile(path):
-        raise UserError(f"--qa file '{path}' not found: give a JSONL file of {{question, answers?, source?}}")
-    items = []
-    for n, line in enumerate(open(path, encoding='utf-8'), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get('question'), str) or \
-                    not (rec.get('source') or rec.get('answers')):
-                raise UserError(f"{path}:{n} needs a 'question' string and a 'source' or 'answers' to judge by")
-            items.append(rec)
-    if not items:
-        raise UserError(f"{path} has no questions")
+    """Questions from JSONL (or a JSON array): each needs a 'question' and a 'source' or 'answers' to judge by."""
+    items = read_json_records(path, '--qa')
+    for n, rec in enumerate(items, 1):
+        if not isinstance(rec.get('question'), str) or not (rec.get('source') or rec.get('answers')):
+            raise UserError(f"{path} record {n} needs a 'question' string and a 'source' or 'answers' to judge by")
     return items
 
 

@@ -283,6 +283,32 @@ def read_prompt(start):
     return start
 
 
+def read_json_records(path, what='the file'):
+    """A list of dicts from a JSON array or a JSONL file, with one-line errors that point at the bad line.
+    what names the file in errors (e.g. '--data')."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file '{path}' not found: give a JSON or JSONL file")
+    text, why = decode_file(path)
+    if text is None:
+        raise UserError(f"{what} file '{path}' {why}: give a JSON or JSONL file")
+    if text.lstrip().startswith('['):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path} must hold JSON objects (one per line, or an array of them), and at least one")
+    return records
+
+
 def read_prompts(path):
     """Prompts from a .txt file (one per line, \\n escapes allowed) or .jsonl ({"prompt": ...} or a string)."""
     if not os.path.isfile(path):
