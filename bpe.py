@@ -1,5 +1,6 @@
 """
 Byte-level BPE: train your own tokenizer fast, encode it in readable pure Python, hand it to tiktoken to run.
+Also reads the tokenizers of Hugging Face and GGUF models, SentencePiece-style BPE (Llama 2, Mistral) included.
 
     python bpe.py --input=data/ --vocab_size=32000 --out=tok.model     # train on files, folders, .jsonl
     python bpe.py --model=tok.model --encode="Hello world"              # a quick look at the ids
@@ -12,6 +13,8 @@ After `import bpe` (this file needs only the standard library, regex and tiktoke
     tok.save('tok.model'); tok = bpe.Tokenizer.load('tok.model')
     text = tok.dumps(); tok = bpe.Tokenizer.loads(text)  # the same file's text, in memory
     tok = bpe.Tokenizer.from_hf('SmolLM2-135M/')        # a Hugging Face tokenizer.json: the same ids as its own
+    tok = bpe.Tokenizer.from_gguf(metadata)             # a GGUF file's {key: value} metadata (weights.py reads it)
+    prompt = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}])   # its Jinja chat template (jinja2)
 
 Training (train_ranks) is minbpe's algorithm, made fast in two ways. Text is cut into chunks by a regex
 (GPT-2's or GPT-4's split pattern) and each unique chunk is stored once, with its count. And where minbpe
@@ -22,11 +25,13 @@ destroys ((x, a), (b, y)) and adds the pairs it makes ((x, z), (z, y)). A heap p
 Encoding follows tiktoken's rule, so the two give identical ids: within a chunk, repeatedly merge the adjacent
 pair whose joined bytes are the lowest-ranked token (leftmost first). Ids are ranks: the 256 bytes, then the
 merges in the order they were learned, then the special tokens. The same rule reproduces GPT-2 and GPT-4.
-This file imports only the standard library and regex (tiktoken for the fast path, tqdm for progress bars).
+This file imports only the standard library and regex (tiktoken for the fast path, tqdm for progress bars,
+jinja2 for chat templates).
 """
 import base64
 import codecs
 import difflib
+import functools
 import heapq
 import json
 import os
@@ -47,12 +52,17 @@ except ImportError:  # progress bars are optional
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                       r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'cl100k': GPT4_SPLIT_PATTERN}
+# Hugging Face's (tokenizer.json): Llama 3's differs from GPT-4's only in how it cuts whitespace that ends the text
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r'\p{N}{1,3}', r'\p{N}')  # one digit a chunk
+PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'cl100k': GPT4_SPLIT_PATTERN,
+            'llama3': LLAMA3_SPLIT_PATTERN, 'qwen2': QWEN2_SPLIT_PATTERN}
 ENDOFTEXT = '<|endoftext|>'
 FILE_HEADER = 'bpe.py tokenizer v1'
 NONE = sys.maxsize  # the rank of a byte string that is not a token
 OPTIONAL = {'ignore_merges': False, 'normalizer': None, 'bos_token': None, 'eos_token': ENDOFTEXT,
-            'chat_template': None}  # settings (from a tokenizer.json) that model files hold when not these
+            'chat_template': None, 'add_bos_token': False}  # settings that model files hold when not these
 
 
 class BPEError(ValueError):
@@ -325,35 +335,44 @@ def bpe_merge(piece, ranks, merges=None):
 
 class Tokenizer:
     """Byte-level BPE: ranks {token bytes: id}, a split pattern, and special tokens {text: id}. From a tokenizer.json
-    (from_hf) also merges {(left, right): priority}, merged by instead of ranks, and the settings in OPTIONAL."""
+    or a GGUF (from_hf, from_gguf) also merges {(left, right): priority}, merged by instead of ranks, and the
+    settings in OPTIONAL. SentencePieceBPE below has the same interface."""
+    kind = 'bpe'  # the model file's kind line; old files have none
+    SETTINGS = OPTIONAL
 
     def __init__(self, ranks, pattern, special_tokens=None, name='bpe', merges=None, ignore_merges=False,
-                 normalizer=None, bos_token=None, eos_token=ENDOFTEXT, chat_template=None):
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:
-            raise BPEError(f"not a byte-level BPE: {len(missing)} of the 256 bytes (e.g. {missing[0]}) have no token")
+                 normalizer=None, bos_token=None, eos_token=ENDOFTEXT, chat_template=None, add_bos_token=False):
         self.ranks, self.pattern, self.name = dict(ranks), pattern, name
+        # A vocabulary may lack bytes its training text never had (SmolLM2 lacks 21, e.g. 0xC0, never in UTF-8).
+        # The tokenizers library drops such a byte from its chunk before merging, and so does encode_ordinary.
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in self.ranks)
         self.special_tokens = dict(special_tokens or {})
         self.vocab = {i: t for t, i in self.ranks.items()}  # id -> bytes, for decoding
         self.vocab.update({i: t.encode('utf-8') for t, i in self.special_tokens.items()})
         if len(self.vocab) < len(self.ranks) + len(self.special_tokens):
             raise BPEError(f"tokenizer {name!r} gives two tokens the same id")
-        self.vocab_size = max(self.vocab) + 1
+        self.vocab_size = max(self.vocab, default=-1) + 1
         self.eot_token = self.special_tokens.get(ENDOFTEXT)
         self.merges, self.ignore_merges, self.normalizer = merges, ignore_merges, normalizer
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
-        token_id = lambda t: self.special_tokens.get(t, self.ranks.get(t.encode('utf-8'))) if t else None
-        self.bos_token_id, self.eos_token_id = token_id(bos_token), token_id(eos_token)  # None: none known
+        self.add_bos_token = add_bos_token  # whether the model expects bos_token first (encode never adds it)
+        self.bos_token_id, self.eos_token_id = self.token_id(bos_token), self.token_id(eos_token)  # None: none known
         self._split = chunker(pattern)
         self._cache = {}  # chunk -> ids: text repeats its words, so most chunks are merged only once
         self._encoding = None
 
     def __repr__(self):
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, special_tokens={self.special_tokens})"
+        kind, shown = type(self).__name__, f"vocab_size={self.vocab_size}, special_tokens={self.special_tokens}"
+        return f"{kind}({self.name!r}, {shown})"
 
-    def encode_ordinary(self, text):
-        """Ids of text, special token strings encoded as ordinary text."""
-        ids, cache, ranks = [], self._cache, self.ranks
+    def token_id(self, text):
+        """The id of a special or ordinary token's text, or None."""
+        return self.special_tokens.get(text, self.ranks.get(text.encode('utf-8'))) if text else None
+
+    def encode_ordinary(self, text, first=True):
+        """Ids of text, special token strings encoded as ordinary text. (first: whether text starts the input; only
+        SentencePiece, which may put a space there, cares.)"""
+        ids, cache, ranks, missing = [], self._cache, self.ranks, self.missing
         if len(cache) > 200_000:  # bounded memory on long inputs
             cache.clear()
         text = valid_text(text)
@@ -364,7 +383,11 @@ class Tokenizer:
             got = cache.get(chunk)
             if got is None:
                 piece = chunk.encode('utf-8')
-                got = cache[chunk] = [ranks[piece]] if whole and piece in ranks else bpe_merge(piece, ranks, merges)
+                if whole and piece in ranks:
+                    got = [ranks[piece]]
+                else:
+                    got = bpe_merge(piece.translate(None, missing) if missing else piece, ranks, merges)
+                cache[chunk] = got
             ids += got
         return ids
 
@@ -385,10 +408,10 @@ class Tokenizer:
             return self.encode_ordinary(text)
         ids, start = [], 0
         for m in special_regex(allowed).finditer(text):
-            ids += self.encode_ordinary(text[start:m.start()])
+            ids += self.encode_ordinary(text[start:m.start()], start == 0)
             ids.append(self.special_tokens[m.group()])
             start = m.end()
-        return ids + self.encode_ordinary(text[start:])
+        return ids + self.encode_ordinary(text[start:], start == 0)
 
     def decode_bytes(self, ids):
         try:
@@ -401,6 +424,15 @@ class Tokenizer:
         """Text of ids; bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD, never an error."""
         return self.decode_bytes(ids).decode('utf-8', errors='replace')
 
+    def apply_chat_template(self, messages, add_generation_prompt=True, **extra):
+        """The prompt text of messages [{'role': ..., 'content': ...}] by this tokenizer's chat template, as
+        transformers' apply_chat_template(messages, tokenize=False) makes it (see render_chat)."""
+        if not self.chat_template:
+            raise BPEError(f"tokenizer {self.name!r} has no chat template: render one with "
+                           f"bpe.render_chat(template, messages)")
+        tokens = {'bos_token': self.bos_token, 'eos_token': self.eos_token}
+        return render_chat(self.chat_template, messages, add_generation_prompt, **{**tokens, **extra})
+
     # ------------------------------------------------------------------------------------------------------
     # files and tiktoken
 
@@ -408,19 +440,27 @@ class Tokenizer:
         """The readable model file's text: a header, then one line per token in id (= merge) order, as the
         id and the token as a JSON string (or, when its bytes are not UTF-8, a JSON list of byte values).
         From a tokenizer.json, its settings (OPTIONAL) and merges too: 'merge left_id right_id', in its order."""
-        lines = [FILE_HEADER, f'name {json.dumps(self.name)}', f'pattern {json.dumps(self.pattern)}']
-        lines += [f'{key} {json.dumps(getattr(self, key))}' for key, default in OPTIONAL.items()
-                  if getattr(self, key) != default]
-        lines += [f'special {i} {json.dumps(t)}' for t, i in self.special_tokens.items()]
+        lines = self._head() + [f'pattern {json.dumps(self.pattern)}'] + self._settings()
         for token, i in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             try:
                 shown = json.dumps(token.decode('utf-8'), ensure_ascii=False)
             except UnicodeDecodeError:
                 shown = json.dumps(list(token))
             lines.append(f'{i} {shown}')
-        if self.merges:
-            lines += [f'merge {self.ranks[a]} {self.ranks[b]}' for a, b in sorted(self.merges, key=self.merges.get)]
-        return '\n'.join(lines) + '\n'
+        return '\n'.join(lines + self._merge_lines(self.ranks)) + '\n'
+
+    def _head(self):
+        kind = [f'kind {json.dumps(self.kind)}'] if self.kind != 'bpe' else []  # old readers: no kind line
+        return [FILE_HEADER, f'name {json.dumps(self.name)}'] + kind
+
+    def _settings(self):
+        """The 'key value' lines of the settings that differ from their defaults, then the special tokens."""
+        lines = [f'{key} {json.dumps(getattr(self, key))}' for key, default in self.SETTINGS.items()
+                 if getattr(self, key) != default]
+        return lines + [f'special {i} {json.dumps(t)}' for t, i in self.special_tokens.items()]
+
+    def _merge_lines(self, ids):
+        return [f'merge {ids[a]} {ids[b]}' for a, b in sorted(self.merges, key=self.merges.get)] if self.merges else []
 
     def save(self, path):
         """Write dumps() to path."""
@@ -444,37 +484,26 @@ class Tokenizer:
 
     @classmethod
     def loads(cls, text, where='the tokenizer text'):
-        """The Tokenizer whose dumps() is text; where names it in error messages."""
-        fields, specials, ranks, merges = {}, {}, {}, []
-        lines = text.split('\n')
-        if lines[0] != FILE_HEADER:
-            raise BPEError(f"{where} is not a bpe.py tokenizer file (its first line is not {FILE_HEADER!r})")
-        for n, line in enumerate(lines[1:], 2):
-            if not line and n == len(lines):  # the final newline
-                break
-            key, _, value = line.partition(' ')
-            try:
-                if key.isdigit():
-                    token = json.loads(value)
-                    ranks[token.encode('utf-8') if isinstance(token, str) else bytes(token)] = int(key)
-                elif key == 'merge':
-                    a, b = value.split(' ')
-                    merges.append((int(a), int(b)))
-                elif key == 'special':
-                    i, _, name = value.partition(' ')
-                    specials[json.loads(name)] = int(i)
-                else:
-                    fields[key] = json.loads(value)
-            except (ValueError, TypeError):
-                raise BPEError(f"{where}:{n} is damaged: {line[:80]!r}") from None
-        if 'pattern' not in fields:
-            raise BPEError(f"{where} has no pattern line")
-        tokens = {i: t for t, i in ranks.items()}
+        """The Tokenizer (or SentencePieceBPE, as its kind line says) whose dumps() is text; where names it in
+        error messages."""
+        fields, specials, tokens, merges = read_model_file(text, where)
+        kind = fields.pop('kind', 'bpe')
+        if kind not in KINDS:
+            raise BPEError(f"{where} holds a tokenizer of kind {kind!r}, which this bpe.py does not know "
+                           f"(known: {', '.join(KINDS)}); update bpe.py")
         if missing := next((i for pair in merges for i in pair if i not in tokens), None):
             raise BPEError(f"{where} is damaged: a merge names token {missing}, which it does not have")
-        merges = {(tokens[a], tokens[b]): n for n, (a, b) in enumerate(merges)}
-        return cls(ranks, fields['pattern'], specials, fields.get('name', 'bpe'), merges or None,
-                   **{key: fields[key] for key in OPTIONAL if key in fields})
+        return KINDS[kind].from_parts(fields, specials, tokens, merges, where)
+
+    @classmethod
+    def from_parts(cls, fields, specials, tokens, merges, where):
+        """loads' pieces -> a Tokenizer: tokens {id: (JSON value, score)}, merges [(left id, right id)]."""
+        if 'pattern' not in fields:
+            raise BPEError(f"{where} has no pattern line")
+        vocab = {i: t.encode('utf-8') if isinstance(t, str) else bytes(t) for i, (t, _) in tokens.items()}
+        merges = {(vocab[a], vocab[b]): n for n, (a, b) in enumerate(merges)}
+        return cls({t: i for i, t in vocab.items()}, fields['pattern'], specials, fields.get('name', 'bpe'),
+                   merges or None, **{key: fields[key] for key in cls.SETTINGS if key in fields})
 
     def to_tiktoken(self):
         """A tiktoken.Encoding with identical ids (built once, then reused). It merges by id, so from a tokenizer.json
@@ -484,9 +513,8 @@ class Tokenizer:
             if any(self.ranks[a + b] > self.ranks[c + d] for (a, b), (c, d) in zip(order, order[1:])):
                 raise BPEError(f"tokenizer {self.name!r} numbers its tokens out of merge order, which tiktoken "
                                f"cannot follow (it merges by id): use encode() instead")
-            import tiktoken
-            self._encoding = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
-                                               special_tokens=self.special_tokens)
+            self._encoding = tiktoken_class(self)(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                                  special_tokens=self.special_tokens)
         return self._encoding
 
     def save_tiktoken(self, path):
@@ -497,11 +525,20 @@ class Tokenizer:
 
     @classmethod
     def from_hf(cls, path):
-        """A Tokenizer from a Hugging Face tokenizer.json of byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM), the
-        file or its folder: the ids of the `tokenizers` library's encode(text, add_special_tokens=False), its
-        added tokens (special or not) our special tokens. tokenizer_config.json beside it names bos and eos and
-        has the chat_template (the Jinja text, not run). Other tokenizers raise a BPEError that says why."""
-        return cls(**hf_settings(os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else os.fspath(path)))
+        """A Tokenizer from a Hugging Face tokenizer.json, the file or its folder: byte-level BPE (GPT-2, Llama 3,
+        Qwen2, SmolLM), or a SentencePieceBPE for SentencePiece-style BPE with byte fallback (Llama 2, Mistral).
+        The ids of the `tokenizers` library's encode(text, add_special_tokens=False), its added tokens (special
+        or not) our special tokens. tokenizer_config.json beside it names bos and eos and has the chat_template.
+        Other tokenizers raise a BPEError that says why."""
+        settings = hf_settings(os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else os.fspath(path))
+        return KINDS[settings.pop('kind')](**settings)
+
+    @classmethod
+    def from_gguf(cls, meta):
+        """A Tokenizer (tokenizer.ggml.model 'gpt2') or SentencePieceBPE ('llama') from a GGUF file's metadata
+        {key: value}, as llama.cpp reads its tokenizer.ggml.* keys, with tokenizer.chat_template."""
+        settings = gguf_settings(meta)
+        return KINDS[settings.pop('kind')](**settings)
 
     @classmethod
     def from_tiktoken(cls, name_or_encoding):
@@ -520,8 +557,246 @@ class Tokenizer:
         # tiktoken has no public accessor for these; the attribute names have been stable since its release
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
 
+
+def tiktoken_class(tok):
+    """tiktoken.Encoding, or for a vocabulary that lacks some bytes a subclass that hands text holding one to tok:
+    tiktoken cannot drop a byte as the tokenizers library does, and all other text it encodes alike, fast."""
+    import tiktoken
+    if not tok.missing:
+        return tiktoken.Encoding
+
+    def lacks(text):
+        data = valid_text(text).encode('utf-8')
+        return len(data.translate(None, tok.missing)) < len(data)
+
+    class Encoding(tiktoken.Encoding):  # encode_batch and encode_ordinary_batch call these two
+        def encode_ordinary(self, text):
+            return tok.encode_ordinary(text) if lacks(text) else super().encode_ordinary(text)
+
+        def encode(self, text, **kw):
+            return tok.encode(text, **kw) if lacks(text) else super().encode(text, **kw)
+    return Encoding
+
+
+def read_model_file(text, where):
+    """A model file's ({key: value}, special tokens {text: id}, tokens {id: (JSON value, score or None)},
+    merges [(left id, right id)]); lines: 'key JSON', 'special id JSON', 'id JSON [score]', 'merge id id'."""
+    fields, specials, tokens, merges = {}, {}, {}, []
+    lines = text.split('\n')
+    if lines[0] != FILE_HEADER:
+        raise BPEError(f"{where} is not a bpe.py tokenizer file (its first line is not {FILE_HEADER!r})")
+    read_json_value = json.JSONDecoder().raw_decode
+    for n, line in enumerate(lines[1:], 2):
+        if not line and n == len(lines):  # the final newline
+            break
+        key, _, value = line.partition(' ')
+        try:
+            if key.isdigit():
+                token, end = read_json_value(value)
+                score = value[end:].strip()
+                tokens[int(key)] = token, float(score) if score else None
+            elif key == 'merge':
+                a, b = value.split(' ')
+                merges.append((int(a), int(b)))
+            elif key == 'special':
+                i, _, name = value.partition(' ')
+                specials[json.loads(name)] = int(i)
+            else:
+                fields[key] = json.loads(value)
+        except (ValueError, TypeError):
+            raise BPEError(f"{where}:{n} is damaged: {line[:80]!r}") from None
+    return fields, specials, tokens, merges
+
 # ----------------------------------------------------------------------------------------------------------
-# Hugging Face tokenizer.json: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM), read into the pieces above
+# SentencePiece-style BPE (Llama 2, TinyLlama, Mistral): characters, not bytes, with '▁' for a space
+
+SPACE = '\u2581'  # ▁
+BYTE_PIECE = regex.compile(r'<0x([0-9A-F]{2})>')  # the byte-fallback pieces, <0x00> .. <0xFF>
+# where a '▁' goes before a text (each run of it between special tokens): 'legacy' always (llama.cpp's
+# add_space_prefix, HF's Prepend normalizer), HF's Metaspace 'always' unless the text starts with a space, 'first'
+# likewise but only at the start of the input, 'never'
+PREPEND_SCHEMES = ('legacy', 'always', 'first', 'never')
+
+
+def merge_symbols(parts, rank):
+    """parts (strings) merged pair by pair: always the adjacent pair of lowest rank(left, right) (None: never),
+    the leftmost of equals, as Hugging Face's BPE and llama.cpp's SentencePiece do. A heap of candidate pairs
+    keeps this fast on the long words SentencePiece makes (a whole line can be one).
+
+    >>> merge_symbols(list('aaab'), {('a', 'a'): 0, ('a', 'b'): 1, ('aa', 'ab'): 2}.get)
+    ['aaab']
+    """
+    parts, heap = list(parts), []
+    after = list(range(1, len(parts))) + [-1]  # a linked list: merged-away parts become None
+    before = list(range(-1, len(parts) - 1))
+
+    def push(i, j):
+        if (r := rank(parts[i], parts[j])) is not None:
+            heapq.heappush(heap, (r, i, j, parts[i] + parts[j]))
+    for i in range(len(parts) - 1):
+        push(i, i + 1)
+    while heap:
+        _, i, j, joined = heapq.heappop(heap)
+        if parts[i] is None or after[i] != j or parts[i] + parts[j] != joined:
+            continue  # outdated: one of the two has been merged since
+        parts[i], parts[j] = joined, None
+        after[i] = after[j]
+        if after[i] != -1:
+            before[after[i]] = i
+            push(i, after[i])
+        if before[i] != -1:
+            push(before[i], i)
+    return [p for p in parts if p is not None]
+
+
+def piece_bytes(piece):
+    """What a piece decodes to: '▁' is a space, <0x41> the byte 0x41."""
+    m = BYTE_PIECE.fullmatch(piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace(SPACE, ' ').encode('utf-8')
+
+
+class SentencePieceBPE(Tokenizer):
+    """SentencePiece-style BPE: tokens {id: piece} where a piece is characters with '▁' for a space, and
+    special tokens {text: id}. Merged by a Hugging Face merge list {(left, right): priority}, or by scores {id:
+    score} as llama.cpp does from a GGUF: the adjacent pair that spells the best-scored piece. A character with no
+    piece becomes the pieces of its UTF-8 bytes (<0xE4><0xBD><0xA0>), or unk_token where those are missing."""
+    kind = 'sentencepiece'
+    SETTINGS = {'unk_token': None, 'bos_token': None, 'eos_token': None, 'prepend_scheme': 'legacy', 'split': False,
+                'add_bos_token': True, 'chat_template': None}
+
+    def __init__(self, tokens, special_tokens=None, name='sentencepiece', merges=None, scores=None, unk_token=None,
+                 bos_token=None, eos_token=None, prepend_scheme='legacy', split=False, add_bos_token=True,
+                 chat_template=None):
+        if prepend_scheme not in PREPEND_SCHEMES:
+            raise BPEError(f"prepend_scheme must be one of {', '.join(PREPEND_SCHEMES)}, not {prepend_scheme!r}")
+        self.tokens, self.name = dict(tokens), name
+        self.pieces = {}  # piece -> id, the first id of a piece a vocabulary holds twice
+        for i, piece in sorted(self.tokens.items()):
+            self.pieces.setdefault(piece, i)
+        self.special_tokens = dict(special_tokens or {})
+        self.vocab = {i: piece_bytes(p) for i, p in self.tokens.items()}
+        self.vocab.update({i: t.encode('utf-8') for t, i in self.special_tokens.items()})
+        if len(self.vocab) < len(self.tokens) + len(self.special_tokens):
+            raise BPEError(f"tokenizer {name!r} gives two tokens the same id")
+        self.vocab_size = max(self.vocab, default=-1) + 1
+        self.merges, self.scores = merges, None if merges is not None else dict(scores or {})
+        self.byte_pieces = {piece_bytes(p)[0]: p for p in self.pieces if BYTE_PIECE.fullmatch(p)}
+        self.prepend_scheme, self.split, self.add_bos_token = prepend_scheme, split, add_bos_token
+        self.unk_token, self.bos_token, self.eos_token = unk_token, bos_token, eos_token
+        self.chat_template = chat_template
+        self.unk_token_id = self.token_id(unk_token)
+        self.bos_token_id, self.eos_token_id = self.token_id(bos_token), self.token_id(eos_token)
+        self.eot_token = self.special_tokens.get(ENDOFTEXT)
+        self.normalizer, self.pattern, self.missing = None, None, b''
+        self._cache = {}
+
+    def token_id(self, text):
+        return self.special_tokens.get(text, self.pieces.get(text)) if text else None
+
+    def encode_ordinary(self, text, first=True):
+        """Ids of text, special token strings encoded as ordinary text; first: whether text starts the input
+        (prepend_scheme 'first' puts a '▁' only there)."""
+        text = valid_text(text).replace(' ', SPACE)
+        if not text:
+            return []
+        scheme = self.prepend_scheme
+        if scheme == 'legacy' or (scheme == 'always' or scheme == 'first' and first) and text[0] != SPACE:
+            text = SPACE + text
+        if len(self._cache) > 200_000:
+            self._cache.clear()
+        ids = []
+        for word in regex.findall(f'{SPACE}[^{SPACE}]*|[^{SPACE}]+', text) if self.split else [text]:
+            got = self._cache.get(word)
+            if got is None:
+                got = self._encode_word(word)
+                if len(word) < 100:  # a short word will come again; a line will not
+                    self._cache[word] = got
+            ids += got
+        return ids
+
+    def _encode_word(self, word):
+        pieces = self.pieces
+        if self.merges is not None:  # Hugging Face: a character without a piece is its bytes from the start
+            parts = [p for ch in word for p in ([ch] if ch in pieces else self._fallback(ch))]
+            parts = merge_symbols(parts, lambda a, b: self.merges.get((a, b)))
+        else:  # llama.cpp: characters merge by the score of the piece they spell; one left alone becomes bytes
+            scores = self.scores
+            parts = merge_symbols(word, lambda a, b: -scores.get(pieces[a + b], 0.0) if a + b in pieces else None)
+            parts = [p for part in parts for p in ([part] if part in pieces else self._fallback(part))]
+        ids = [pieces.get(p, self.unk_token_id) for p in parts]
+        # runs of the unknown token are one, as in Llama 2's tokenizer.json (fuse_unk)
+        return [i for n, i in enumerate(ids) if i != self.unk_token_id or not n or ids[n - 1] != i]
+
+    def _fallback(self, char):
+        """The byte pieces of a character without a piece; else the unknown token, else nothing (dropped)."""
+        data = char.encode('utf-8')
+        if all(b in self.byte_pieces for b in data):
+            return [self.byte_pieces[b] for b in data]
+        return [self.unk_token] if self.unk_token_id is not None else []
+
+    def decode_bytes(self, ids):
+        """The bytes of ids; the space that the encoder put before the text is taken off again."""
+        data = super().decode_bytes(ids)
+        return data[1:] if self.prepend_scheme != 'never' and data[:1] == b' ' else data
+
+    def dumps(self):
+        """The model file's text: as Tokenizer.dumps, with pieces for tokens, and a score after each when merged by
+        scores (a GGUF's)."""
+        lines = self._head() + self._settings()
+        for i, piece in sorted(self.tokens.items()):
+            score = f' {self.scores.get(i, 0.0)!r}' if self.scores is not None else ''
+            lines.append(f'{i} {json.dumps(piece, ensure_ascii=False)}{score}')
+        return '\n'.join(lines + self._merge_lines(self.pieces)) + '\n'
+
+    @classmethod
+    def from_parts(cls, fields, specials, tokens, merges, where):
+        if any(not isinstance(t, str) for t, _ in tokens.values()):
+            raise BPEError(f"{where} is damaged: a SentencePiece token is not text")
+        pieces = {i: t for i, (t, _) in tokens.items()}
+        scores = {i: s for i, (_, s) in tokens.items() if s is not None}
+        return cls(pieces, specials, fields.get('name', 'sentencepiece'),
+                   {(pieces[a], pieces[b]): n for n, (a, b) in enumerate(merges)} if merges else None, scores,
+                   **{key: fields[key] for key in cls.SETTINGS if key in fields})
+
+    def to_tiktoken(self):
+        raise BPEError(f"tokenizer {self.name!r} is SentencePiece-style BPE, which tiktoken cannot run (it merges "
+                       f"bytes, not characters): use encode() instead")
+
+    def save_tiktoken(self, path):
+        self.to_tiktoken()
+
+    def gguf_metadata(self, vocab_size):
+        """The tokenizer.* metadata of a GGUF file (tokenizer.ggml.model 'llama'), padded to the model's vocab_size
+        with unused tokens. From a merge list, a piece scores minus the priority of the first merge that makes it."""
+        if self.vocab_size > vocab_size:
+            raise BPEError(f"tokenizer {self.name!r} has ids up to {self.vocab_size - 1}, beyond the model's "
+                           f"vocab_size {vocab_size}")
+        scores = self.scores
+        if scores is None:
+            made = {}
+            for (a, b), n in sorted(self.merges.items(), key=lambda kv: kv[1]):
+                made.setdefault(a + b, n)
+            scores = {i: -float(made.get(p, len(self.merges))) for i, p in self.tokens.items()}
+        tokens, types, values = [f'[PAD{i}]' for i in range(vocab_size)], [5] * vocab_size, [-1e9] * vocab_size
+        for i, piece in self.tokens.items():  # 1 normal, 6 byte, 2 unknown, 3 control, 5 unused
+            tokens[i], types[i], values[i] = piece, 6 if BYTE_PIECE.fullmatch(piece) else 1, scores.get(i, 0.0)
+        for text, i in self.special_tokens.items():
+            tokens[i], types[i], values[i] = text, 2 if text == self.unk_token else 3, 0.0
+        meta = {'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.tokens': tokens, 'tokenizer.ggml.scores': values,
+                'tokenizer.ggml.token_type': types, 'tokenizer.ggml.add_bos_token': bool(self.add_bos_token),
+                'tokenizer.ggml.add_space_prefix': self.prepend_scheme != 'never'}
+        for key, i in (('bos', self.bos_token_id), ('eos', self.eos_token_id), ('unknown', self.unk_token_id)):
+            if i is not None:
+                meta[f'tokenizer.ggml.{key}_token_id'] = i
+        if self.chat_template:
+            meta['tokenizer.chat_template'] = self.chat_template
+        return meta
+
+
+KINDS = {'bpe': Tokenizer, 'sentencepiece': SentencePieceBPE}  # a model file's kind -> its class
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM) or SentencePiece-style BPE (Llama 2)
 
 SENTENCEPIECE = 'SentencePiece, e.g. Llama 2 / TinyLlama / Mistral'
 HINTS = {'Metaspace': SENTENCEPIECE, 'byte_fallback': SENTENCEPIECE, 'Unigram': 'SentencePiece, e.g. T5 / ALBERT',
@@ -532,10 +807,11 @@ GPT2_DIGITS_PATTERN = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}
                        r"""|\s+(?![^\s\p{N}])|\s""")
 
 
-def unsupported(what):
+def unsupported(what, why=''):
     hint = next((f' ({h})' for key, h in HINTS.items() if key in what), '')
-    return BPEError(f"tokenizer.json uses {what}{hint}, which bpe.py does not support; byte-level BPE models "
-                    f"(GPT-2, Llama 3, Qwen2, SmolLM) load")
+    return BPEError(f"tokenizer.json uses {what}{hint}{why}, which bpe.py does not support; byte-level BPE models "
+                    f"(GPT-2, Llama 3, Qwen2, SmolLM) load, and SentencePiece-style BPE with byte_fallback "
+                    f"(Llama 2, Mistral)")
 
 
 def byte_chars():
@@ -587,7 +863,8 @@ def read_json(path):
 
 
 def hf_settings(file):
-    """Tokenizer(...)'s arguments from a tokenizer.json file and the tokenizer_config.json beside it."""
+    """The class's arguments (kind: a key of KINDS) from a tokenizer.json file and the tokenizer_config.json beside
+    it: byte-level BPE, or SentencePiece-style BPE (hf_sentencepiece)."""
     if not os.path.isfile(file):
         raise BPEError(f"{file} not found (from_hf takes a tokenizer.json file or the folder that holds it)")
     hf, folder = read_json(file), os.path.dirname(file)
@@ -595,36 +872,223 @@ def hf_settings(file):
     config = read_json(config) if os.path.isfile(config) else {}
     if model.get('type', 'BPE') != 'BPE':
         raise unsupported(f"the {model['type']} model")
-    if bad := [k for k in ('byte_fallback', 'continuing_subword_prefix', 'end_of_word_suffix', 'dropout')
-               if model.get(k)]:
+    if bad := [k for k in ('continuing_subword_prefix', 'end_of_word_suffix', 'dropout') if model.get(k)]:
         raise unsupported(f"{bad[0]}={model[bad[0]]!r}")
+    added = hf.get('added_tokens') or []
+    if strip := [t['content'] for t in added if t.get('lstrip') or t.get('rstrip') or t.get('single_word')]:
+        raise unsupported(f"the added token {strip[0]!r} with lstrip, rstrip or single_word")
+    added = {t['content']: t['id'] for t in added}
+    spacing = json.dumps([hf.get('pre_tokenizer'), hf.get('normalizer')], ensure_ascii=False)
+    if model.get('byte_fallback') or 'Metaspace' in spacing or SPACE in spacing:  # SentencePiece's marks
+        return hf_sentencepiece(hf, added, file, hf_config(config, folder, eos_token=None, add_bos_token=True))
     normalizer = hf.get('normalizer') or {}  # none, one, or a Sequence of them
     normalizers = [n.get('type') for n in normalizer.get('normalizers', [normalizer]) if n]
     if normalizers not in ([], ['NFC'], ['NFD'], ['NFKC'], ['NFKD']):  # these unicodedata does exactly
         raise unsupported(f"the normalizer {'+'.join(map(str, normalizers))}")
-    pattern = hf_pattern(hf.get('pre_tokenizer'))
+    pattern, chars = hf_pattern(hf.get('pre_tokenizer')), byte_chars()
     if (hf.get('decoder') or {}).get('type') != 'ByteLevel':
         raise unsupported(f"the {(hf.get('decoder') or {}).get('type')} decoder")
-    added = hf.get('added_tokens') or []
-    if strip := [t['content'] for t in added if t.get('lstrip') or t.get('rstrip') or t.get('single_word')]:
-        raise unsupported(f"the added token {strip[0]!r} with lstrip, rstrip or single_word")
-    added, chars = {t['content']: t['id'] for t in added}, byte_chars()
     try:  # tokens are written in GPT-2's byte characters; added tokens are plain text, with their own ids
         ranks = {bytes(chars[c] for c in t): i for t, i in (model.get('vocab') or {}).items() if t not in added}
-        pairs = [m.split(' ') if isinstance(m, str) else m for m in model.get('merges') or []]
-        merges = {(bytes(chars[c] for c in a), bytes(chars[c] for c in b)): n for n, (a, b) in enumerate(pairs)}
+        merges = {(bytes(chars[c] for c in a), bytes(chars[c] for c in b)): n
+                  for n, (a, b) in enumerate(hf_merges(model, file))}
     except KeyError as e:
         raise BPEError(f"{file} is not byte-level BPE: a token has the character {e.args[0]!r}") from None
-    except ValueError:
-        raise BPEError(f"{file} has a merge that is not two tokens") from None
+    return dict(kind='bpe', ranks=ranks, pattern=pattern, special_tokens=added, merges=merges,
+                normalizer=normalizers[0] if normalizers else None, ignore_merges=bool(model.get('ignore_merges')),
+                **hf_config(config, folder, eos_token=ENDOFTEXT, add_bos_token=False))
+
+
+def hf_merges(model, file):
+    """A tokenizer.json's merges as pairs; newer files write them as lists, older as 'left right' strings."""
+    pairs = [m.split(' ') if isinstance(m, str) else m for m in model.get('merges') or []]
+    if any(len(pair) != 2 for pair in pairs):
+        raise BPEError(f"{file} has a merge that is not two tokens")
+    return pairs
+
+
+def hf_config(config, folder, eos_token, add_bos_token):
+    """The settings tokenizer_config.json holds (the defaults where it has none): bos, eos, the chat template."""
     name = lambda t: t.get('content') if isinstance(t, dict) else t  # "<s>" or {"content": "<s>", ...}
     template = config.get('chat_template')
     if isinstance(template, list):  # older files: named templates
         template = {t.get('name'): t.get('template') for t in template}.get('default')
-    return dict(ranks=ranks, pattern=pattern, special_tokens=added, merges=merges, normalizer=normalizers[0] if
-                normalizers else None, ignore_merges=bool(model.get('ignore_merges')), chat_template=template,
-                bos_token=name(config.get('bos_token')), eos_token=name(config.get('eos_token', ENDOFTEXT)),
+    return dict(bos_token=name(config.get('bos_token')), eos_token=name(config.get('eos_token', eos_token)),
+                add_bos_token=bool(config.get('add_bos_token', add_bos_token)), chat_template=template,
                 name=os.path.basename(os.path.abspath(folder)) or 'hf')
+
+
+def hf_sentencepiece(hf, added, file, settings):
+    """SentencePieceBPE's arguments from a tokenizer.json of the shape Llama 2's has: BPE with byte_fallback, spaces
+    made '▁' by a Metaspace pre-tokenizer or by the older normalizers Prepend('▁') + Replace(' ', '▁'), and a
+    decoder of Replace, ByteFallback, Fuse and Strip (or Metaspace)."""
+    model, pre = hf['model'], hf.get('pre_tokenizer') or {}
+    normalizer = hf.get('normalizer') or {}
+    normalizers = [n for n in normalizer.get('normalizers', [normalizer]) if n]
+    if pre and (pre.get('type') != 'Metaspace' or pre.get('replacement', SPACE) != SPACE):
+        raise unsupported(f"the pre-tokenizer {json.dumps(pre)} with SentencePiece-style BPE")
+    if not model.get('byte_fallback'):
+        raise unsupported('the Metaspace pre-tokenizer' if pre else "a Replace(' ', '▁') normalizer",
+                          why=' without byte_fallback')
+    if model.get('ignore_merges'):
+        raise unsupported("ignore_merges with byte_fallback")
+    if any(n not in SPM_NORMALIZERS for n in normalizers) or pre and normalizers:
+        raise unsupported(f"the normalizer {json.dumps(normalizer)} with SentencePiece-style BPE")
+    kinds = {n['type'] for n in normalizers}
+    if pre:  # older files say add_prefix_space instead of prepend_scheme, and always split
+        scheme = pre.get('prepend_scheme') or ('always' if pre.get('add_prefix_space', True) else 'never')
+        split = pre.get('split', True)
+    elif 'Replace' in kinds:
+        scheme, split = 'legacy' if 'Prepend' in kinds else 'never', False
+    else:
+        raise unsupported('byte_fallback=True', why=" without '▁' for spaces (a Metaspace pre-tokenizer or a "
+                                                    "Replace(' ', '▁') normalizer)")
+    decoder = hf.get('decoder') or {}
+    if bad := [d.get('type') for d in decoder.get('decoders', [decoder]) if d.get('type') not in SPM_DECODERS]:
+        raise unsupported(f"the {bad[0]} decoder with SentencePiece-style BPE")
+    tokens = {i: t for t, i in (model.get('vocab') or {}).items() if t not in added}
+    merges = {(a, b): n for n, (a, b) in enumerate(hf_merges(model, file))}
+    return dict(kind='sentencepiece', tokens=tokens, special_tokens=added, merges=merges,
+                unk_token=model.get('unk_token'), prepend_scheme=scheme, split=split, **settings)
+
+
+SPM_NORMALIZERS = [{'type': 'Prepend', 'prepend': SPACE}, {'type': 'Replace', 'pattern': {'String': ' '},
+                                                           'content': SPACE}]  # Llama 2's, before Metaspace
+SPM_DECODERS = {'Replace', 'ByteFallback', 'Fuse', 'Strip', 'Metaspace'}  # all one decode: see SentencePieceBPE
+
+# ----------------------------------------------------------------------------------------------------------
+# GGUF metadata: llama.cpp's tokenizer.ggml.* keys, read as llama.cpp reads them, into the pieces above
+
+# tokenizer.ggml.pre: llama.cpp's names for split regexes (llama-vocab.cpp), here the regexes of the models' own
+# tokenizer.json (llama.cpp rewrites them for its regex engine); the models of a row split text alike. 'default'
+# (and no name, in files older than the key) is a makeshift in llama.cpp; transformers reads GPT-2's regex there.
+GGUF_PRE = [('gpt-2 gpt2 default mpt olmo phi-2 jais exaone4', GPT2_SPLIT_PATTERN),
+            ('smollm starcoder refact command-r codeshell exaone minerva-7b', GPT2_DIGITS_PATTERN),
+            ('llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral dbrx smaug-bpe', LLAMA3_SPLIT_PATTERN),
+            ('qwen2 deepseek-r1-qwen', QWEN2_SPLIT_PATTERN)]
+GGUF_PRE_PATTERNS = {name: pattern for names, pattern in GGUF_PRE for name in names.split()}
+GGUF_LLAMA3 = {'llama-bpe', 'llama3', 'llama-v3', 'falcon3', 'falcon-h1', 'pixtral'}  # ignore_merges, and a bos
+GGUF_NFC = {'qwen2', 'deepseek-r1-qwen'}  # Qwen's tokenizer.json normalizes to NFC (llama.cpp does not)
+SPECIAL_TYPES = {2, 3, 4}  # token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+
+
+def pre_name(pattern):
+    """The tokenizer.ggml.pre name under which llama.cpp splits text as pattern (a name in PATTERNS, or a regex)
+    does, or BPEError. GPT-4's regex (bpe.py's default) gets Llama 3's name: the two differ only on whitespace
+    that ends a text."""
+    pattern = PATTERNS.get(pattern, pattern)
+    if pattern == GPT4_SPLIT_PATTERN:
+        return 'llama-bpe'
+    for names, known in GGUF_PRE:
+        if pattern in (known, isolated(known)):
+            return names.split()[0]
+    raise BPEError(f"llama.cpp has no pre-tokenizer name for the split pattern {pattern[:50]!r}...; tokenizers "
+                   f"trained with pattern 'gpt4' or 'gpt2' can be written to GGUF")
+
+
+def gguf_settings(meta):
+    """The class's arguments (kind: a key of KINDS) from GGUF metadata {key: value}."""
+    model, tokens = meta.get('tokenizer.ggml.model'), meta.get('tokenizer.ggml.tokens')
+    if model not in ('gpt2', 'llama'):
+        raise BPEError(f"tokenizer.ggml.model {model!r} is not one bpe.py reads ('gpt2': byte-level BPE, 'llama': "
+                       f"SentencePiece-style BPE)" if model else "the GGUF metadata has no tokenizer.ggml.model: "
+                       f"the file carries no tokenizer")
+    if not tokens:
+        raise BPEError("the GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary to encode with")
+    types = meta.get('tokenizer.ggml.token_type') or [1] * len(tokens)
+    scores = meta.get('tokenizer.ggml.scores') or [0.0] * len(tokens)
+    if not len(types) == len(scores) == len(tokens):
+        raise BPEError(f"the GGUF metadata is damaged: {len(tokens)} tokens, {len(types)} token types and "
+                       f"{len(scores)} scores")
+
+    def text_of(key):  # of the bos, eos or unknown token
+        i = meta.get(f'tokenizer.ggml.{key}_token_id')
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    ordinary = {i: t for i, (t, k) in enumerate(zip(tokens, types)) if k not in SPECIAL_TYPES}
+    common = dict(special_tokens={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in SPECIAL_TYPES},
+                  bos_token=text_of('bos'), eos_token=text_of('eos'), chat_template=meta.get('tokenizer.chat_template'),
+                  name=meta.get('general.basename') or meta.get('general.name') or 'gguf')
+    if model == 'llama':  # llama.cpp: a space before the text and a bos unless the file says not
+        return dict(kind='sentencepiece', tokens=ordinary, scores={i: float(scores[i]) for i in ordinary},
+                    unk_token=text_of('unknown'), add_bos_token=bool(meta.get('tokenizer.ggml.add_bos_token', True)),
+                    prepend_scheme='legacy' if meta.get('tokenizer.ggml.add_space_prefix', True) else 'never',
+                    **common)
+    pre = meta.get('tokenizer.ggml.pre') or 'default'
+    if pre not in GGUF_PRE_PATTERNS:
+        raise BPEError(f"tokenizer.ggml.pre {pre!r} names a split regex bpe.py does not know (it knows "
+                       f"{', '.join(GGUF_PRE_PATTERNS)})")
+    if not (merges := meta.get('tokenizer.ggml.merges')):
+        raise BPEError("the GGUF metadata has no tokenizer.ggml.merges, which byte-level BPE (model gpt2) needs")
+    pairs = [m.split(' ') for m in merges]
+    if any(len(pair) != 2 for pair in pairs):
+        raise BPEError("the GGUF metadata is damaged: an entry of tokenizer.ggml.merges is not two tokens")
+    chars = byte_chars()  # tokens are written in GPT-2's byte characters; one with other characters is plain text
+    spelled = lambda t: bytes(chars[c] for c in t) if all(c in chars for c in t) else t.encode('utf-8')  # noqa: E731
+    return dict(kind='bpe', ranks={spelled(t): i for i, t in ordinary.items()}, pattern=GGUF_PRE_PATTERNS[pre],
+                merges={(spelled(a), spelled(b)): n for n, (a, b) in enumerate(pairs)},
+                ignore_merges=pre in GGUF_LLAMA3, normalizer='NFC' if pre in GGUF_NFC else None,
+                add_bos_token=bool(meta.get('tokenizer.ggml.add_bos_token', pre in GGUF_LLAMA3)), **common)
+
+# ----------------------------------------------------------------------------------------------------------
+# chat templates: Jinja, run as transformers runs them
+
+
+def render_chat(template, messages, add_generation_prompt=True, bos_token=None, eos_token=None, **extra):
+    """The prompt text a chat template (Jinja) makes of messages [{'role': 'user', 'content': ...}, ...], as
+    transformers' apply_chat_template(messages, tokenize=False) renders it; extra goes to the template too
+    (tools=..., enable_thinking=...). A template that fails, or refuses the messages, raises BPEError."""
+    try:
+        import jinja2
+    except ImportError:
+        raise BPEError("chat templates need jinja2: pip install jinja2") from None
+    context = {'tools': None, 'documents': None}  # set, as transformers sets them: `tools is none` holds
+    context.update({key: value for key, value in (('bos_token', bos_token), ('eos_token', eos_token)) if value})
+    # as transformers: a key set to None is left out (templates test `'content' in message`, not for None)
+    messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
+    try:
+        return compile_chat_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                      **{**context, **extra})
+    except jinja2.TemplateSyntaxError as e:
+        raise BPEError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    except jinja2.TemplateError as e:  # the template's raise_exception(...) lands here
+        raise BPEError(f"the chat template refused the messages: {str(e).splitlines()[0]}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise BPEError(f"the chat template failed on these messages ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def compile_chat_template(template):
+    """A template in transformers' Jinja environment: sandboxed, trim_blocks and lstrip_blocks, loop controls,
+    raise_exception(), strftime_now(), and a tojson that keeps non-ASCII and HTML characters as they are."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+    from datetime import datetime
+
+    class Generation(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %}: it renders its body
+        tags = {'generation'}  # (transformers marks the assistant's text with it, to train on)
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(['name:endgeneration'], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method('_body'), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters['tojson'] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
 
 # ----------------------------------------------------------------------------------------------------------
 # command line: --key=value, as the rest of the repo, but parsed here so that this file stands alone
