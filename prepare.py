@@ -48,6 +48,7 @@ about 100 bytes per kept document.
 """
 import collections
 import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -343,9 +344,12 @@ def load_tokenizer(meta):
             raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
                             "train.load_data, or sample from a checkpoint written by train.py")
         bpe_tok = bpe_from_text(tok['model'], 'the bpe tokenizer in meta')
-        enc, vocab = bpe_tok.to_tiktoken(), bpe_tok.vocab
-        return (lambda s: enc.encode(s, allowed_special='all'),  # a model's vocabulary may be padded: drop those
-                lambda ids: enc.decode([i for i in ids if i in vocab], errors='replace'))
+        vocab = bpe_tok.vocab
+        try:
+            encode = functools.partial(bpe_tok.to_tiktoken().encode, allowed_special='all')
+        except bpe.BPEError:  # SentencePiece-style (a model fine-tuned from Llama 2): bpe.py's own encoder
+            encode = functools.partial(bpe_tok.encode, allowed_special='all')
+        return encode, lambda ids: bpe_tok.decode([i for i in ids if i in vocab])  # a padded vocabulary's ids
     raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
 
 

@@ -4,14 +4,17 @@ Generate text, chat and evaluate, from a train.py checkpoint or pretrained Huggi
     python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start="The meaning of life is" --stream=True
     python sample.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --chat=True
+    python sample.py --init_from=SmolLM2-135M-Instruct.Q4_1.gguf --chat=True   # a llama.cpp / Ollama file
     python sample.py --init_from=out-x --prompts=prompts.jsonl --output=answers.jsonl
     python sample.py --init_from=gpt2 --eval_data=wiki.valid.tokens      # perplexity, next-token accuracy
     python sample.py --init_from=gpt2 --eval_mc=hellaswag_val.jsonl      # multiple-choice accuracy
 
 init_from is a train.py out_dir (ckpt.pt), a Hugging Face model folder (config.json + weights), gpt2 ..
-gpt2-xl, or hf:org/name (downloaded once into a cache). Text goes through the model's own tokenizer: the one
-prepare.py recorded for our checkpoints, tiktoken's GPT-2 encoding for GPT-2, tokenizer.json for the others.
+gpt2-xl, hf:org/name (downloaded once into a cache), or a .gguf file (llama.cpp, Ollama). Text goes through the
+model's own tokenizer: the one prepare.py recorded for our checkpoints, tiktoken's GPT-2 encoding for GPT-2,
+tokenizer.json or the GGUF's metadata for the others; chat through the model's own template, run as Jinja.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -27,11 +30,13 @@ import torch
 from torch.nn import functional as F
 
 import bpe
+from ggml_quants import GGUFError
 from model import PretrainedError, from_pretrained, pretrained_folder
 from prepare import bpe_from_text, decode_file, load_tokenizer, tiktoken_encoding, tokenizer_identity
 from quantize import load_quantized
 from train import (UserError, load_checkpoint, load_data, model_from_checkpoint, parse_config, resolve_device,
                    resolve_dtype, run_cli)
+from weights import model_from_gguf, read_gguf
 
 
 @dataclass
@@ -73,7 +78,7 @@ def tiktoken_tokenizer(name):
     enc = tiktoken_encoding(name)
     return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
                            decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
-                           identity=json.dumps('tiktoken'), chat_template=None,
+                           identity=json.dumps('tiktoken'), chat_template=None, bpe=None,
                            meta={'kind': 'tiktoken', 'name': name})
 
 
@@ -82,25 +87,33 @@ def meta_tokenizer(meta):
     tok = meta.get('tokenizer') or {}
     if tok.get('kind') == 'tiktoken':
         return tiktoken_tokenizer(tok['name'])
-    encode, decode = load_tokenizer(meta)
-    eos = bpe_from_text(tok['model'], 'the checkpoint').eot_token if tok.get('kind') == 'bpe' else None
     ident = {'chars': tok.get('chars')} if tok.get('kind') == 'char' else tokenizer_identity(tok)  # vocab and order
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id', eos), meta=tok,
+    if tok.get('kind') == 'bpe':  # ours, or one a fine-tuned model kept from a tokenizer.json or GGUF
+        out = bpe_tokenizer(bpe_from_text(tok['model'], 'the checkpoint'))
+        out.meta, out.identity, out.eos_id = tok, json.dumps(ident, sort_keys=True), tok.get('eos_id', out.eos_id)
+        out.chat_template = tok.get('chat_template', out.chat_template)
+        return out
+    encode, decode = load_tokenizer(meta)
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id'), meta=tok, bpe=None,
                            chat_template=tok.get('chat_template'), identity=json.dumps(ident, sort_keys=True))
 
 
 def hf_tokenizer(folder, model_type):
-    """GPT-2 uses tiktoken's encoding; byte-level BPE models (Llama 3, Qwen2, SmolLM) their tokenizer.json."""
+    """GPT-2 uses tiktoken's encoding; the others their tokenizer.json (byte-level or SentencePiece-style BPE)."""
     if model_type == 'gpt':
         return tiktoken_tokenizer('gpt2')
     if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
         raise UserError(f"'{folder}' has no tokenizer.json, so its text cannot be encoded")
     try:
-        tok = bpe.Tokenizer.from_hf(folder)
+        return bpe_tokenizer(bpe.Tokenizer.from_hf(folder))
     except bpe.BPEError as e:
         raise UserError(str(e)) from None
-    eos = [i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'), tok.special_tokens.get('<|eot_id|>'))
-           if i is not None]
+
+
+def bpe_tokenizer(tok):
+    """The tokenizer interface of load_model for a bpe.Tokenizer read from a tokenizer.json or a GGUF file."""
+    eos = list(dict.fromkeys(i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'),
+                                         tok.special_tokens.get('<|eot_id|>')) if i is not None))
     encode = lambda s: tok.encode(s, allowed_special='all')  # noqa: E731
     try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
         enc = tok.to_tiktoken()
@@ -111,28 +124,28 @@ def hf_tokenizer(folder, model_type):
     text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
     meta = {'kind': 'bpe', 'model': text, 'sha256': hashlib.sha256(text.encode()).hexdigest(), 'eos_id': eos,
             'chat_template': tok.chat_template}
-    return SimpleNamespace(encode=encode, decode=tok.decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
-                           identity=json.dumps(tokenizer_identity(meta), sort_keys=True))
+    decode = lambda ids: tok.decode([i for i in ids if i in tok.vocab])  # noqa: E731  (a padded vocabulary's)
+    # bos_id: the id a plain prompt starts with when the model expects it (add_bos_token); a chat template writes it
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
+                           identity=json.dumps(tokenizer_identity(meta), sort_keys=True), bpe=tok,
+                           bos_id=tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
 
 
-def packed_linear_forward(self, x):
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), self.packed_weight, self.bias, 'none', [], '')
-    return y.view(*x.shape[:-1], y.size(-1))
+def pack_linears(model, pack=True):
+    """model.pack_linears, kept under its old name for the scripts that import it from here. generate packs by
+    itself on CPU; pack=False frees the packed copies and keeps generate from packing this model again."""
+    import model as model_py  # (the lead: move into the `from model import ...` line above)
+    return model_py.pack_linears(model, pack)
 
 
-def pack_linears(model):
-    """CPU inference: copy every Linear's weight once into oneDNN's blocked layout and multiply with that.
-    Decoding reads all weights for each token, and the stock path (MKL's fp32 matrix-vector, unpacked bf16)
-    reaches a third of this machine's memory bandwidth; the packed one ~85%, so tokens/s rise 2-2.5x
-    (bench.py decode). The packed copies cost memory as large as the weights; no gradients flow through them."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')):
-        return model
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.device.type == 'cpu' and \
-                m.weight.dtype in (torch.float32, torch.bfloat16):
-            m.packed_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
-            m.forward = types.MethodType(packed_linear_forward, m)
-    return model
+def is_gguf(path):
+    """A .gguf path (which must then exist), or any file that starts with GGUF's magic."""
+    if path.endswith('.gguf') and not os.path.isfile(path):
+        raise UserError(f"no GGUF file at '{path}'")
+    with contextlib.suppress(OSError):
+        with open(path, 'rb') as f:
+            return f.read(4) == b'GGUF'
+    return False
 
 
 def load_model(init_from, device='cpu', dtype='float32'):
@@ -147,6 +160,13 @@ def load_model(init_from, device='cpu', dtype='float32'):
         if not (ckpt.get('meta') or {}).get('tokenizer'):
             raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
         tok = meta_tokenizer(ckpt['meta'])
+    elif is_gguf(init_from):
+        try:
+            g = read_gguf(init_from)
+            model = model_from_gguf(g).to(device)
+            tok = bpe_tokenizer(bpe.Tokenizer.from_gguf(g.metadata))
+        except (GGUFError, PretrainedError, bpe.BPEError) as e:
+            raise UserError(str(e)) from None
     else:
         if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, 'config.json')):
             raise UserError(f"no checkpoint at '{init_from}': init_from takes a train.py out_dir (with ckpt.pt), "
@@ -216,34 +236,65 @@ def gen_options(cfg, tok):
 # ----------------------------------------------------------------------------------------------------------
 # chat
 
-CHAT_STYLES = {  # (start of a turn, end of a turn, what ends the assistant's reply)
-    'chatml': ('<|im_start|>{role}\n', '<|im_end|>\n', '<|im_end|>'),                         # Qwen2, SmolLM
-    'llama3': ('<|start_header_id|>{role}<|end_header_id|>\n\n', '<|eot_id|>', '<|eot_id|>'),  # Llama 3
-    'plain': ('{Role}: ', '\n', '\nUser:'),                                                   # base models
-}
+class ChatFormat:
+    """How a model writes a conversation: its own chat template run as Jinja, exactly as transformers'
+    apply_chat_template runs it (SmolLM2's adds a default system prompt, Llama 3's a date line), or for a model
+    without a template, plain 'User: ...' / 'Assistant: ...' turns."""
+    SENTINEL = '\x00reply\x00'  # an assistant message no one writes, to find where a reply ends in the template
+
+    def __init__(self, tok):
+        template, self.bpe = tok.chat_template, getattr(tok, 'bpe', None)
+        self.template = template if template and self.bpe is not None else None
+        self.name = 'template' if self.template else 'plain'
+        self.stop = ['\nUser:']  # what ends a reply beyond the end-of-text ids
+        if self.template:  # the text the template puts after a reply: '<|im_end|>' (ChatML), '<|eot_id|>' ...
+            _, after = self.reply([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': self.SENTINEL}])
+            self.stop = [after.removeprefix(self.SENTINEL).strip()] if after.startswith(self.SENTINEL) else []
+            self.stop = [s for s in self.stop if s]
+
+    def render(self, messages, add_generation_prompt):
+        try:
+            return self.bpe.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except bpe.BPEError as e:
+            raise UserError(str(e)) from None
+
+    def prompt(self, messages):
+        """The text of a conversation ({'role', 'content'} dicts) that ends where the assistant's reply begins."""
+        if self.template:
+            return self.render(messages, add_generation_prompt=True)
+        turn = lambda m: f"{m['role'].capitalize()}: {m['content']}\n"  # noqa: E731
+        return ''.join(map(turn, messages)) + 'Assistant:'
+
+    def reply(self, messages):
+        """(prompt, response) of a conversation ending with the assistant's message: the response is its text as
+        the template writes it, with the end-of-turn marker, so fine-tuning learns to stop (finetune_lora.py)."""
+        prompt = self.prompt(messages[:-1])
+        if not self.template:
+            return prompt, ' ' + messages[-1]['content'] + '\n'
+        full = self.render(messages, add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise UserError("the model's chat template writes the conversation before a reply differently from "
+                            "its prompt for that reply, so the reply cannot be cut out for training")
+        return prompt, full[len(prompt):]
 
 
 def chat_style(tok):
-    """The chat format named by the model's chat template (we recognise its markers rather than run Jinja)."""
-    template = tok.chat_template or ''
-    return 'chatml' if '<|im_start|>' in template else 'llama3' if '<|start_header_id|>' in template else 'plain'
+    """The ChatFormat of a load_model tokenizer."""
+    return ChatFormat(tok)
 
 
 def chat_prompt(messages, style):
-    """The text of a conversation ({'role', 'content'} dicts) that ends where the assistant's reply begins."""
-    start, end, _ = CHAT_STYLES[style]
-    turn = lambda role, text: start.format(role=role, Role=role.capitalize()) + text  # noqa: E731
-    text = '<|begin_of_text|>' if style == 'llama3' else ''
-    return text + ''.join(turn(m['role'], m['content']) + end for m in messages) + turn('assistant', '').rstrip(' ')
+    """The text of a conversation that ends where the assistant's reply begins, in style (a ChatFormat)."""
+    return style.prompt(messages)
 
 
 def chat(model, tok, cfg):
     style = chat_style(tok)
-    _, _, stop = CHAT_STYLES[style]
+    stop = style.stop
     system = [{'role': 'system', 'content': cfg.system}] if cfg.system else []
     messages = list(system)
     room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)
-    print(f"chat with {cfg.init_from} ({style} format). /reset forgets the conversation; /quit or Ctrl-D ends.")
+    print(f"chat with {cfg.init_from} ({style.name} format). /reset forgets the conversation; /quit or Ctrl-D ends.")
     while True:
         try:
             line = input('\n> ')
@@ -261,9 +312,9 @@ def chat(model, tok, cfg):
         while len(ids) > room and len(messages) > len(system) + 1:  # forget the oldest turns first
             messages = system + messages[len(system) + 2:]
             ids = tok.encode(chat_prompt(messages, style))
-        opts = {**gen_options(cfg, tok), 'stop': [stop], 'seed': None}
+        opts = {**gen_options(cfg, tok), 'stop': stop, 'seed': None}
         reply = ''
-        for piece in stream_text(model.generate_stream([ids], cfg.max_new_tokens, **opts), tok, [stop]):
+        for piece in stream_text(model.generate_stream([ids], cfg.max_new_tokens, **opts), tok, stop):
             print(piece, end='', flush=True)
             reply += piece
         print()
@@ -340,6 +391,9 @@ def encode_prompt(tok, prompt, block_size, where='the prompt'):
     ids = tok.encode(prompt)
     if not ids:
         raise UserError(f"{where} encodes to no tokens: give it some text")
+    bos = getattr(tok, 'bos_id', None)  # models that expect their BOS first (Llama 2): added as HF's tokenizer does
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
     if len(ids) >= block_size:
         print(f"note: {where} has {len(ids)} tokens; only the last {block_size - 1} are seen (block_size "
               f"{block_size} with room for one new token)", file=sys.stderr)
