@@ -27,7 +27,7 @@ import torch
 import quantize
 import rag
 from model import num_params
-from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, pack_linears, stream_text
+from sample import chat_prompt, chat_style, load_model, pack_linears, stream_text
 from train import UserError, parse_config, resolve_device, resolve_dtype, run_cli
 
 
@@ -378,7 +378,7 @@ def generate(h, body, prompt, chat, extra=None):
     stream = body.get('stream', False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", param='stream')
-    default_stop = [CHAT_STYLES[app.style][2]] if chat else []
+    default_stop = app.style.stop if chat else []
     stop = app.stops(body, default_stop)
     app.engine.submit(job)
     rid = ('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex[:24]

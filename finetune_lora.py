@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from quantize import NF4Linear
-from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, meta_tokenizer, read_json_records
+from sample import chat_prompt, chat_style, load_model, meta_tokenizer, read_json_records
 from train import (TrainConfig, UserError, get_batch, load_checkpoint, load_data, parse_config, resolve_device,
                    resolve_dtype, run_cli, save_checkpoint, train)
 
@@ -196,7 +196,7 @@ def base_fingerprint(model):
     tensors = {}
     for name, t in _fingerprint_tensors(model):
         flat = t.detach().float().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, 8).long()
+        idx = torch.linspace(0, flat.numel() - 1, 8, dtype=torch.float64).long()  # float32 rounds past 2**24
         tensors[name] = dict(shape=list(t.shape), absmean=flat.abs().mean().item(), values=flat[idx].tolist())
     config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(model.config) else dict(model.config)
     config.pop('dropout', None)  # dropout does not change the weights
@@ -278,7 +278,7 @@ def sft_texts(rec, template, style, where):
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and 'role' in m and 'content' in m
                                                        for m in msgs) and msgs[-1]['role'] == 'assistant'):
             raise UserError(f"{where}: messages must be a list of {{role, content}} ending with the assistant's")
-        return chat_prompt(msgs[:-1], style), msgs[-1]['content'] + CHAT_STYLES[style][1]
+        return style.reply(msgs)
     instruction = rec.get('instruction')
     output = rec.get('output', rec.get('response'))
     if not isinstance(instruction, str) or not isinstance(output, str):
@@ -287,7 +287,7 @@ def sft_texts(rec, template, style, where):
     extra = rec.get('input') or rec.get('context') or ''
     if template == 'chat':
         user = instruction + ('\n\n' + extra if extra else '')
-        return chat_prompt([{'role': 'user', 'content': user}], style), output + CHAT_STYLES[style][1]
+        return style.reply([{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}])
     return ALPACA.format(paired=', paired with an input that provides further context' if extra else '',
                          instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else ''), output
 
@@ -300,7 +300,8 @@ def encode_sft(records, tok, block_size, template, style, path):
     out, dropped = [], 0
     for n, rec in enumerate(records, 1):
         prompt, response = sft_texts(rec, template, style, f"{path} record {n}")
-        p, r = tok.encode(prompt), tok.encode(response) + ([eos] if eos is not None else [])
+        end = [eos] if eos is not None and not style.template else []  # a template writes its own end
+        p, r = tok.encode(prompt), tok.encode(response) + end
         ids = (p + r)[:block_size + 1]
         if len(p) >= len(ids):
             dropped += 1

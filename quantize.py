@@ -5,6 +5,7 @@ Quantization and pruning: smaller weights, faster decoding, and what each costs 
     python quantize.py --init_from=gpt2 --mode=int4 --group_size=64 --out_dir=out-gpt2-int4 --report=int4.json
     python quantize.py --init_from=out-shakespeare-char --mode=prune --sparsity=0.5 --prune_pattern=2:4
     python sample.py --init_from=out-gpt2-int4           # a quantized checkpoint loads like any other
+    python quantize.py --init_from=out-x --mode=gguf --gguf_type=q8_0 --out=model.gguf   # for llama.cpp, Ollama
 
 Weight-only schemes swap modules in for nn.Linear (and nn.Embedding) without the model code knowing:
     Int8Linear   int8 per output channel, symmetric                  ~1 byte per weight
@@ -227,16 +228,24 @@ class Int8Linear(QuantLinear):
     def rows(self, idx, dtype):
         return (self.weight_q[idx].float() * self.scale[idx, None]).to(dtype)
 
+    def unit_scale(self):  # ones for the kernel's bf16 scale argument, made once (not saved)
+        if getattr(self, '_unit', None) is None or self._unit.device != self.weight_q.device:
+            self._unit = torch.ones(self.out_features, dtype=torch.bfloat16, device=self.weight_q.device)
+        return self._unit
+
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.dynamic and x.device.type == 'cpu':
             return self._dynamic(x)
         if x.device.type == 'cpu' and hasattr(torch.ops.aten, '_weight_int8pack_mm'):
             # ATen's int8-weight matmul reads the int8 matrix as it is: 3-4x faster than fp32 when decoding. It
-            # takes bf16 activations (its fp32 path is ~10x slower), so the input is rounded to bf16 here.
+            # takes bf16 activations (its fp32 path is ~10x slower), so the input is rounded to bf16 here. The
+            # scales are applied after, in fp32: rounded to bf16 they would shift whole rows by up to 0.4%, which
+            # cost SmolLM2-135M +0.6% perplexity where this costs +0.33% (fp32 weights would give +0.30%).
             bf16 = torch.bfloat16
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(bf16), self.weight_q,
-                                                   self.scale.to(bf16)).view(*x.shape[:-1], -1).to(x.dtype)
+                                                   self.unit_scale()).view(*x.shape[:-1], -1)
+            y = (y.float() * self.scale.float()).to(x.dtype)
         else:  # x @ (q * s)^T = (x @ q^T) * s: the scale is applied to the output
             y = F.linear(x, self.weight_q.to(x.dtype)) * self.scale.to(x.dtype)
         return y if bias is None else y + bias
@@ -388,23 +397,26 @@ def _embedding_names(model):
     return 'transformer.wte', ('lm_head' if cfg.tie_embeddings else None)
 
 
-def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=()):
+def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=(), table_scheme=None):
     """Replace model's Linears (all, but names in skip) by scheme's quantized ones, in place, and with embeddings
-    the token table too (tied to the head: one quantized matrix serves both). Returns the plan, a dict that
-    load_quantized needs to rebuild the same structure: scheme, group_size, embeddings, skip."""
+    the token table too (tied to the head: one quantized matrix serves both), in table_scheme if given: 'int8'
+    keeps a 4-bit model's table at 8 bits, as llama.cpp's Q4 files do (on SmolLM2, whose table is also its head,
+    a 4-bit table costs +5.6% perplexity, an 8-bit one +0.3%). Returns the plan, a dict that load_quantized
+    needs to rebuild the same structure: scheme, group_size, embeddings, skip (and table_scheme)."""
     emb_name, tied = _embedding_names(model)
     emb = model.get_submodule(emb_name)
-    dtype = emb.weight.dtype
+    dtype, table_kind = emb.weight.dtype, table_scheme or scheme
     if embeddings and tied is None:  # its own table, quantized as a (V, C) matrix
         table = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device=emb.weight.device)
         table.weight = emb.weight
-        _set(model, emb_name, QuantEmbedding(_quantized(table, scheme, group_size), dtype))
+        _set(model, emb_name, QuantEmbedding(_quantized(table, table_kind, group_size), dtype))
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name not in skip and (embeddings or name != tied):
-            _set(model, name, _quantized(m, scheme, group_size))
+            _set(model, name, _quantized(m, table_kind if name == tied else scheme, group_size))
     if embeddings and tied is not None:
         _set(model, emb_name, QuantEmbedding(model.get_submodule(tied), dtype))
-    return dict(scheme=scheme, group_size=group_size, embeddings=embeddings, skip=list(skip))
+    plan = dict(scheme=scheme, group_size=group_size, embeddings=embeddings, skip=list(skip))
+    return {**plan, 'table_scheme': table_scheme} if table_scheme and table_scheme != scheme else plan
 
 
 def weight_bytes(model):
@@ -439,7 +451,8 @@ def load_quantized(ckpt):
     model = build_model(ModelConfig(**ckpt['model_args']))
     plan = ckpt['quantization']
     if plan.get('scheme'):
-        quantize_model(model, plan['scheme'], plan['group_size'], plan['embeddings'], plan['skip'])
+        quantize_model(model, plan['scheme'], plan['group_size'], plan['embeddings'], plan['skip'],
+                       plan.get('table_scheme'))
     state = dict(ckpt['model'])
     for name, sp in (ckpt.get('sparse') or {}).items():
         n = int(np.prod(sp['shape']))
@@ -537,9 +550,12 @@ def decode_speed(model, new_tokens=64, prompt_len=16, batch_size=1, rounds=2):
 @dataclasses.dataclass
 class QuantizeConfig:
     init_from: str = 'out'          # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder
-    mode: str = 'int8'              # int8 | int4 | nf4 | dynamic (int8 weights and activations) | prune
+    mode: str = 'int8'              # int8 | int4 | nf4 | dynamic (int8 weights and activations) | prune | gguf
+    gguf_type: str = 'q8_0'         # gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (the 2-D weights)
+    out: str = ''                   # gguf: the file to write; '' = <out_dir or .>/model-<gguf_type>.gguf
     group_size: int = 64            # int4 group / nf4 block: inputs sharing a scale
     embeddings: bool = True         # quantize the token table too (with GPT-2 it is also the output head)
+    table_scheme: str = ''          # the table's (and a tied head's) scheme, e.g. int8 for an int4 model; '' = mode
     skip: str = ''                  # comma-separated Linear names to keep in full precision
     sparsity: float = 0.5           # prune: fraction of the block Linears' weights set to zero
     prune_scope: str = 'global'     # prune: rank weights over all layers (global) or within each (layer)
@@ -600,23 +616,72 @@ def layer_sensitivity(model, ids, cfg):
     return out
 
 
+def export_gguf(model, tok, cfg, ids):
+    """--mode=gguf: write the model and its tokenizer as GGUF (weights.save_gguf), read the file back as llama.cpp
+    would see it, and report the file's size and perplexity against the original."""
+    import json
+    import bpe
+    from train import UserError
+    from weights import GGUF_TYPES, GGUFError, model_from_gguf, save_gguf
+    if cfg.gguf_type not in GGUF_TYPES:
+        raise UserError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, not '{cfg.gguf_type}'")
+    path = cfg.out or os.path.join(cfg.out_dir or '.', f'model-{cfg.gguf_type}.gguf')
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    source = getattr(tok, 'bpe', None)
+    if source is None and tok.meta.get('kind') == 'tiktoken':  # GPT-2's encoding: its ranks, as bpe.py holds them
+        try:
+            source = bpe.Tokenizer.from_tiktoken(tok.meta['name'])
+        except bpe.BPEError as e:
+            raise UserError(str(e)) from None
+    try:
+        save_gguf(model, path, source, cfg.gguf_type, name=os.path.basename(os.path.normpath(cfg.init_from)))
+        back = model_from_gguf(path)
+    except GGUFError as e:
+        raise UserError(str(e)) from None
+    report = {'init_from': cfg.init_from, 'mode': 'gguf', 'gguf_type': cfg.gguf_type, 'path': path,
+              'size_bytes': os.path.getsize(path), 'original_bytes': file_bytes(model)}
+    if ids is not None:
+        from sample import eval_tokens
+        report['original_ppl'] = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)['ppl']
+        report['gguf_ppl'] = eval_tokens(back, ids, cfg.eval_stride, cfg.batch_size)['ppl']
+    print(f"wrote {path}: {report['size_bytes'] / 1e6:.1f} MB ({report['original_bytes'] / report['size_bytes']:.2f}x "
+          f"smaller than fp32)" + (f", val perplexity {report['original_ppl']:.3f} -> {report['gguf_ppl']:.3f} read "
+                                   f"back" if ids is not None else ''))
+    print(f"run it: llama-cli -m {path}   or in Ollama: a Modelfile with 'FROM ./{os.path.basename(path)}'; "
+          f"here: python sample.py --init_from={path}")
+    if cfg.report:
+        with open(cfg.report, 'w') as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
 def main(argv):
     import copy
     import json
     from sample import eval_data_tokens, load_model
     from train import UserError, parse_config, print_config, resolve_device
     cfg = parse_config(QuantizeConfig, argv)
-    if cfg.mode not in SCHEMES + ('prune',):
-        raise UserError(f"mode must be int8, int4, nf4, dynamic or prune, not '{cfg.mode}'")
+    if cfg.mode not in SCHEMES + ('prune', 'gguf'):
+        raise UserError(f"mode must be int8, int4, nf4, dynamic, prune or gguf, not '{cfg.mode}'")
     if cfg.mode == 'prune' and not (0 <= cfg.sparsity < 1 and cfg.prune_scope in ('global', 'layer') and
                                     cfg.prune_pattern in ('unstructured', '2:4')):
         raise UserError("prune needs 0 <= sparsity < 1, prune_scope global|layer, prune_pattern unstructured|2:4")
+    if cfg.table_scheme not in ('',) + SCHEMES:
+        raise UserError(f"table_scheme must be one of {', '.join(SCHEMES)} (or '' for the mode's), not "
+                        f"'{cfg.table_scheme}'")
     if cfg.group_size < 2 or cfg.group_size % 2:
         raise UserError(f"group_size must be an even number >= 2 (e.g. 32, 64, 128), not {cfg.group_size}")
     print_config(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.init_from, device, 'float32')
+    if cfg.mode in ('int4', 'nf4') and 32 % cfg.group_size and cfg.init_from.endswith('.gguf'):
+        from weights import read_gguf
+        if {t.type for t in read_gguf(cfg.init_from).tensors.values()} & {2, 3, 6, 7}:  # Q4_0, Q4_1, Q5_0, Q5_1
+            print(f"note: the file's weights are already 4- or 5-bit in blocks of 32, and one 4-bit grid per "
+                  f"{cfg.group_size} weights cannot hold two blocks' levels (SmolLM2's Q4_1 file: +37% perplexity "
+                  f"at 64, none at 32): pass --group_size=32")
     if getattr(model, 'quantization', None) or any(isinstance(m, QuantLinear) for m in model.modules()):
         raise UserError(f"'{cfg.init_from}' is already quantized: start from the full-precision checkpoint")
     ids, default = None, not cfg.eval_data
@@ -637,13 +702,15 @@ def main(argv):
     if set(skip) - names:
         raise UserError(f"--skip names no Linear: {sorted(set(skip) - names)[:3]}; Linears are e.g. {sorted(names)[:3]}")
 
+    if cfg.mode == 'gguf':
+        return export_gguf(model, tok, cfg, ids)
     result = copy.deepcopy(model)
     if cfg.mode == 'prune':
         sparsity = prune(result, cfg.sparsity, cfg.prune_scope, cfg.prune_pattern)
         plan = dict(scheme=None, pruned=list(sparsity))
     else:
         try:
-            plan = quantize_model(result, cfg.mode, cfg.group_size, cfg.embeddings, skip)
+            plan = quantize_model(result, cfg.mode, cfg.group_size, cfg.embeddings, skip, cfg.table_scheme or None)
         except ValueError as e:
             raise UserError(f"{e}: pick a --group_size that divides it, or --skip that layer") from None
     print("measuring the original ...")

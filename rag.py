@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from prepare import decode_file
-from sample import CHAT_STYLES, chat_prompt, chat_style, load_model, read_json_records, stream_text
+from sample import chat_prompt, chat_style, load_model, read_json_records, stream_text
 from train import UserError, parse_config, resolve_device, run_cli
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
@@ -461,13 +461,14 @@ def top(scores, k):
 # ----------------------------------------------------------------------------------------------------------
 # answering: passages that fit the context, numbered for citation
 
-def build_prompt(question, passages, tok, budget, style='plain'):
+def build_prompt(question, passages, tok, budget, style=None):
     """(prompt text, notes): the question after the passages, numbered [1].. with their sources. Passages are
     taken best first while they fit in budget tokens; the first that does not fit is cut to the room left
     (if 32 tokens or more) and the rest are dropped. notes says what was trimmed."""
     head = "Answer the question using only the numbered passages. Cite them like [1].\n\n"
     tail = f"Question: {question}\nAnswer:"
-    fixed = len(tok.encode(head + tail)) + (16 if style != 'plain' else 0)  # chat markers take a few tokens
+    chat = style is not None and style.name != 'plain'
+    fixed = len(tok.encode(chat_prompt([{'role': 'user', 'content': head + tail}], style) if chat else head + tail))
     if fixed >= budget:
         raise UserError(f"the question alone takes {fixed} tokens of the {budget} the context leaves: shorten "
                         f"it or lower --max_new_tokens")
@@ -485,7 +486,7 @@ def build_prompt(question, passages, tok, budget, style='plain'):
         else:
             notes.append(f"[{n}] dropped")
     prompt = head + ''.join(body) + tail
-    if style != 'plain':
+    if chat:
         prompt = chat_prompt([{'role': 'user', 'content': prompt}], style)
     return prompt, notes
 
@@ -502,7 +503,7 @@ def ask(idx, cfg, question, out=sys.stdout):
     if notes:
         print(f"note: passages trimmed to fit the {model.config.block_size}-token context: {'; '.join(notes)}",
               file=sys.stderr)
-    stop = [CHAT_STYLES[style][2]] if style != 'plain' else ['\nQuestion:']
+    stop = style.stop if style.name != 'plain' else ['\nQuestion:']
     steps = model.generate_stream([tok.encode(prompt)], max_new, temperature=cfg.temperature, top_p=cfg.top_p,
                                   eos_id=tok.eos_id, stop=stop, decode=tok.decode, seed=cfg.seed)
     answer = ''

@@ -55,8 +55,9 @@ def losses(out, key='loss'):
 def test_response_only_targets():
     tok = sample.tiktoken_tokenizer('gpt2')
     rec = {'instruction': 'Say hi.', 'input': '', 'output': 'Hi there.'}
-    (ids, tgt), = finetune_lora.encode_sft([rec], tok, 256, 'alpaca', 'plain', 'x')[0]
-    prompt, response = finetune_lora.sft_texts(rec, 'alpaca', 'plain', 'x')
+    style = sample.chat_style(tok)
+    (ids, tgt), = finetune_lora.encode_sft([rec], tok, 256, 'alpaca', style, 'x')[0]
+    prompt, response = finetune_lora.sft_texts(rec, 'alpaca', style, 'x')
     p = tok.encode(prompt)
     assert ids == p + tok.encode(response) + [tok.eos_id]
     assert len(tgt) == len(ids) - 1

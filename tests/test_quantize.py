@@ -161,7 +161,7 @@ def test_cli_prune_reports_the_layers_that_lose_most(char_run, char_data, tmp_pa
 
 
 @pytest.mark.parametrize('argv,message', [
-    (['--mode=int3'], 'mode must be int8, int4, nf4, dynamic or prune'),
+    (['--mode=int3'], 'mode must be int8, int4, nf4, dynamic, prune or gguf'),
     (['--mode=int4', '--group_size=48'], 'not a multiple of group_size 48'),
     (['--mode=int8', '--skip=no.such'], '--skip names no Linear'),
     (['--mode=prune', '--sparsity=1.5'], 'prune needs 0 <= sparsity < 1'),

@@ -207,6 +207,10 @@ def test_gpt2_folder_samples_what_transformers_generates(tmp_path, monkeypatch, 
     assert out.splitlines()[0] == enc.decode(expect[:expect.index(50256)] if 50256 in expect else expect)
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
     """A Qwen2-style folder: tokenizer.json read by bpe.py, ChatML turns, <|im_end|> ends the reply."""
     transformers = pytest.importorskip('transformers')
@@ -219,21 +223,22 @@ def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
     tk.train_from_iterator([shakespeare()[:20000]], trainer)
     tk.save(str(tmp_path / 'tokenizer.json'))
     (tmp_path / 'tokenizer_config.json').write_text(json.dumps(
-        {'eos_token': '<|im_end|>', 'chat_template': "{% for m in messages %}<|im_start|>{{ m.role }}\n..."}))
+        {'eos_token': '<|im_end|>', 'chat_template': CHATML}))
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=tk.get_vocab_size(), max_position_embeddings=128)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     model, tok = sample.load_model(str(tmp_path))
-    assert sample.chat_style(tok) == 'chatml' and tk.token_to_id('<|im_end|>') in tok.eos_id
+    style = sample.chat_style(tok)
+    assert style.name == 'template' and style.stop == ['<|im_end|>'] and tk.token_to_id('<|im_end|>') in tok.eos_id
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
-    text = sample.chat_prompt(messages, 'chatml')
+    text = sample.chat_prompt(messages, style)
     assert text == '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
     assert tok.encode(text) == tk.encode(text).ids  # special tokens are single ids, as the tokenizer has them
     p = run(f'--init_from={tmp_path}', '--chat=True', '--system=Be brief.', '--max_new_tokens=5', '--temperature=0',
             stdin='Hello\n')
     assert p.returncode == 0, p.stderr
-    assert 'chatml format' in p.stdout
+    assert 'template format' in p.stdout
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -245,7 +250,8 @@ def test_packed_linears_give_the_same_logits_and_tokens(dtype):
     x = torch.randint(0, 97, (2, 12))
     logits, greedy = model(x)[0], model.generate(x, 20, temperature=0)
     sample.pack_linears(model)
-    assert all(hasattr(m, 'packed_weight') for m in model.modules() if isinstance(m, torch.nn.Linear))
+    from model import PackedLinear
+    assert all(type(m) is PackedLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(model(x)[0].float(), logits.float(), atol=tol, rtol=tol)
     if dtype == torch.float32:
