@@ -1024,7 +1024,12 @@ def gguf_settings(meta):
     if any(len(pair) != 2 for pair in pairs):
         raise BPEError("the GGUF metadata is damaged: an entry of tokenizer.ggml.merges is not two tokens")
     chars = byte_chars()  # tokens are written in GPT-2's byte characters; one with other characters is plain text
-    spelled = lambda t: bytes(chars[c] for c in t) if all(c in chars for c in t) else t.encode('utf-8')  # noqa: E731
+    memo = {}  # each token is spelled once, though the merges name it again and again
+
+    def spelled(t):
+        if (b := memo.get(t)) is None:
+            b = memo[t] = bytes(chars[c] for c in t) if all(c in chars for c in t) else t.encode('utf-8')
+        return b
     return dict(kind='bpe', ranks={spelled(t): i for i, t in ordinary.items()}, pattern=GGUF_PRE_PATTERNS[pre],
                 merges={(spelled(a), spelled(b)): n for n, (a, b) in enumerate(pairs)},
                 ignore_merges=pre in GGUF_LLAMA3, normalizer='NFC' if pre in GGUF_NFC else None,
