@@ -31,11 +31,32 @@ and bfloat16 weights; and the weight bytes read per second against this machine'
 
 `finetune` times optimizer steps of finetune_lora.py's full, LoRA (r=8) and QLoRA modes and of the peft
 library's LoRA on transformers' GPT-2 (pip install peft), each in a fresh process for its peak memory.
+
+    python bench.py gguf                                     # SmolLM2-135M-Instruct from ../shared's Q4_1 GGUF
+    python bench.py gguf --ppl_tokens=0 --ppl_context=1024 --ppl_stride=512 --report=gguf.json
+    python bench.py gguf --rounds=1 --load_rounds=1 --new_tokens=4 --prompt_len=64 --ppl_tokens=2000  # a smoke run
+
+`gguf` runs a GGUF model (weights.read_gguf + model_from_gguf, the tokenizer from its metadata) as ours in fp32,
+bf16, int8 and int4 against transformers in fp32 on identical weights (transformers reads the same GGUF itself,
+or with --hf_from=folder our save_pretrained export of it). Each variant in a fresh process, --load_rounds times:
+seconds to load (file to model and tokenizer; ready = converted and packed too), and the peak resident memory of
+loading, a prefill and a decode at the largest batch; transformers' load of the GGUF and of a saved HF folder
+beside them. In one process, timed in turn over --rounds (the best counts): prefill tokens/s (generate one
+token from a --prompt_len prompt of WikiText-2: the time to the first new token), and greedy decode tokens/s
+at each batch size from --decode_prompt-token prompts (the time from the first new token to the last, so the
+prefill is left out), with the weight bytes read per second against the measured memory bandwidth. Perplexity
+on wiki.valid.tokens (its first --ppl_tokens tokens by the GGUF's tokenizer; 0 = all): ours through
+sample.eval_tokens, transformers through its own loop on the same windows (--ppl_context tokens, advancing by
+--ppl_stride, each target scored once). Prints the CPU, its measured matmul peaks, markdown tables
+with ratios against transformers' fp32 and our bf16, and the issue's targets; --report=FILE writes the JSON.
 """
+import contextlib
 import copy
 import glob
 import inspect
+import io
 import json
+import math
 import os
 import random
 import resource
@@ -53,8 +74,8 @@ import torch
 import bpe
 from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params, save_pretrained
 from sample import pack_linears
-from train import (MODEL_KEYS, TrainConfig, autocast, get_batch, parse_config, resolve_device, resolve_dtype,
-                   run_cli, train_step)
+from train import (MODEL_KEYS, TrainConfig, autocast, cpu_has_fast_bf16, get_batch, parse_config, resolve_device,
+                   resolve_dtype, run_cli, train_step)
 
 
 @dataclass
@@ -936,8 +957,402 @@ def bench_serve(argv):
     return direct, rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# gguf: a llama.cpp file run by us (fp32, bf16, int8, int4) and by transformers (fp32) on the same weights
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data')
+
+
+@dataclass
+class GGUFBenchConfig:
+    gguf: str = os.path.join(SHARED_DATA, 'models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+    text: str = os.path.join(SHARED_DATA, 'wikitext2', 'wiki.valid.tokens')
+    variants: str = 'fp32,bf16,int8,int4'  # ours; transformers runs in fp32
+    hf_from: str = 'gguf'        # transformers' weights: 'gguf' (its own GGUF reader) | 'folder' (our save_pretrained)
+    prompt_len: int = 512        # prefill: generate one token from a prompt this long
+    decode_prompt: int = 16      # decode: from prompts this long (short, so the prefill left out is small)
+    new_tokens: int = 64         # greedy
+    batch_sizes: str = '1,8'
+    rounds: int = 3              # speed: every variant timed in turn this many times; the best counts
+    load_rounds: int = 3         # fresh processes per variant: the best load time, the largest peak memory count
+    ppl_tokens: int = 20000      # perplexity on the first this many tokens of text (0 = all)
+    ppl_context: int = 1024      # window length
+    ppl_stride: int = 512        # windows advance by this (<= ppl_context); each target is scored once
+    ppl_batch: int = 8           # windows per forward of ours (transformers' loop runs them one at a time)
+    group_size: int = 32         # int4: Q4_1's block, so int4 holds the file's Q4_1 matrices exactly
+    quant_embeddings: bool = True  # int8/int4 also quantize the (tied) embedding and head, as quantize.py does
+    table_scheme: str = 'int8'   # their scheme ('' = the variant's): 8 bits, as in the file (4 bits: +5.6% ppl)
+    quant_dtype: str = 'float32'  # int8/int4: the dtype of everything around the quantized Linears
+    report: str = ''             # write the results here as JSON
+    num_threads: int = 0
+
+
+def peak_rss_mib():
+    """This process's peak resident memory: VmHWM, as ru_maxrss keeps the parent's peak across fork + exec."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or 'unknown CPU'
+
+
+def hf_gguf_tokenizer(path):
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                      gguf_file=os.path.basename(path))
+
+
+def gguf_tokenizer(g):
+    """(whose, encode) of the GGUF's tokenizer: bpe.py's reader of its metadata where it has one, else
+    transformers'. encode adds no special tokens."""
+    if hasattr(bpe.Tokenizer, 'from_gguf'):
+        tok = bpe.Tokenizer.from_gguf(g.metadata)
+        return 'bpe.py', getattr(tok, 'encode_ordinary', tok.encode)
+    tok = hf_gguf_tokenizer(g.path)
+    return 'transformers', lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def text_tokens(encode, path, n):
+    """The first n tokens of a text file (all of them for n = 0), encoding whole lines, no more than it takes."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    chars = 8 * n if n else len(text)
+    while True:
+        end = text.find('\n', chars)
+        end = len(text) if end < 0 else end + 1
+        ids = list(encode(text[:end]))
+        if not n or len(ids) >= n + 64 or end == len(text):  # the margin: the last line's cut can't reach n
+            return ids[:n] if n else ids
+        chars *= 2
+
+
+def state_bytes(model):
+    """Bytes of the tensors the model saves (weights, codes, scales), a tied one once: what one decode step
+    reads, give or take the embedding rows it does not."""
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+
+
+def gguf_variant(model, variant, cfg):
+    """(model, weight bytes) of our model as variant runs it, converted in place: fp32 or bf16 weights, or int8 /
+    int4 Linears and embedding (quantize.py), then packed for oneDNN as sample.py decodes on CPU."""
+    import quantize
+    if variant == 'bf16':
+        model.to(torch.bfloat16)
+    elif variant in ('int8', 'int4'):
+        quantize.quantize_model(model, variant, cfg.group_size, embeddings=cfg.quant_embeddings,
+                                table_scheme=cfg.table_scheme or None)
+        model.to(getattr(torch, cfg.quant_dtype))
+    elif variant != 'fp32':
+        sys.exit(f"error: variant {variant!r} is not one of fp32, bf16, int8, int4")
+    wbytes = state_bytes(model)
+    return cpu_pack(model), wbytes
+
+
+def cpu_pack(model):
+    """The Linears packed for oneDNN, as generate does on CPU by default: model.py's pack_linears where it has one
+    (generate_stream calls it itself), else sample.py's, whose bf16 kernel needs a CPU with oneDNN bf16."""
+    import model as model_py
+    if hasattr(model_py, 'pack_linears'):
+        return model_py.pack_linears(model)
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()) and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return model
+    return pack_linears(model)
+
+
+class StepClock:
+    """A transformers streamer that notes when generate hands it tokens: the prompt, then each new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def generate_fn(model, hf):
+    """gen(x, n) -> (the n greedy new tokens (B, n) after prompts x (B, T), seconds from the call to the first new
+    token, seconds from the first new token to the last), from ours (generate_stream) or transformers' generate."""
+    def ours(x, n):
+        t0, times, steps = time.perf_counter(), [], []
+        for step in model.generate_stream(x, n, temperature=0):
+            times.append(time.perf_counter())
+            steps.append(step)
+        return torch.tensor(steps).T, times[0] - t0, times[-1] - times[0]
+
+    def theirs(x, n):
+        clock, t0 = StepClock(), time.perf_counter()
+        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                           pad_token_id=0, streamer=clock)
+        return y[:, x.size(1):], clock.times[1] - t0, clock.times[-1] - clock.times[1]
+    return theirs if hf else ours
+
+
+def gguf_prompts(ids, B, T):
+    return torch.tensor(ids[:B * T], dtype=torch.long).view(B, T)  # consecutive pieces of the text
+
+
+def gguf_worker(cfg, variant, folder):
+    """One variant in this fresh process: load it (ours: read_gguf, model_from_gguf, tokenizer, then convert and
+    pack; transformers: from the GGUF or from folder), prefill, decode at the largest batch; one JSON line."""
+    import weights
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    hf = variant.startswith('hf')
+    if hf or not hasattr(bpe.Tokenizer, 'from_gguf'):
+        import transformers  # imports do not count as load time
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    if hf:
+        src, kw = ((folder, {}) if variant == 'hf-folder' else
+                   (os.path.dirname(os.path.abspath(cfg.gguf)), {'gguf_file': os.path.basename(cfg.gguf)}))
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+        t1 = time.perf_counter()
+        tok = transformers.AutoTokenizer.from_pretrained(src, **kw)
+        encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+        t2 = t3 = time.perf_counter()
+    else:
+        g = weights.read_gguf(cfg.gguf)
+        model = weights.model_from_gguf(g)
+        t1 = time.perf_counter()
+        _, encode = gguf_tokenizer(g)
+        t2 = time.perf_counter()
+        model, _ = gguf_variant(model, variant, cfg)
+        t3 = time.perf_counter()
+    B = max(map(int, cfg.batch_sizes.split(',')))
+    ids = text_tokens(encode, cfg.text, max(cfg.prompt_len, B * cfg.decode_prompt))
+    gen = generate_fn(model, hf)
+    with torch.no_grad():
+        gen(gguf_prompts(ids, 1, cfg.prompt_len), 1)
+        y = gen(gguf_prompts(ids, B, cfg.decode_prompt), cfg.new_tokens)[0]
+    print(json.dumps(dict(model_s=t1 - t0, tokenizer_s=t2 - t1, load_s=t2 - t0, ready_s=t3 - t0,
+                          peak_mib=peak_rss_mib(), tokens=y[0].tolist())))
+
+
+def gguf_speed(gens, ids, cfg, sizes):
+    """Prefill tokens/s (prompt_len tokens over the time to the first new token) and decode tokens/s per batch size
+    (from decode_prompt prompts: the new tokens after the first over the time from the first to the last) of each
+    gen, timed in turn round after round, the best of each; and the new tokens of each batch."""
+    T, n = cfg.prompt_len, cfg.new_tokens
+    xs = {B: gguf_prompts(ids, B, cfg.decode_prompt) for B in sizes} | {'prefill': gguf_prompts(ids, 1, T)}
+    with torch.no_grad():
+        for gen in gens.values():  # warm-up: allocator, kernel choices, the first call's packing
+            for x in xs.values():
+                gen(x, 2)
+        best, out = {}, {}
+        for _ in range(cfg.rounds):
+            for v, gen in gens.items():
+                for B, x in xs.items():
+                    y, first, rest = gen(x, 1 if B == 'prefill' else n)
+                    best[v, B] = min(best.get((v, B), float('inf')), first if B == 'prefill' else rest)
+                    out[v, B] = y
+    rows = {v: {'prefill_tps': T / best[v, 'prefill']} | {f'decode_b{B}_tps': B * (n - 1) / best[v, B] for B in sizes}
+            for v in gens}
+    return rows, out
+
+
+def eval_context(model, ids, cfg):
+    """sample.eval_tokens over windows of ppl_context tokens (it takes the window from config.block_size)."""
+    from sample import eval_tokens
+    block = model.config.block_size
+    model.config.block_size = cfg.ppl_context
+    try:
+        return eval_tokens(model, ids, cfg.ppl_stride, cfg.ppl_batch)
+    finally:
+        model.config.block_size = block
+
+
+@torch.no_grad()
+def hf_perplexity(model, ids, context, stride):
+    """transformers' model on the windows eval_tokens reads, one at a time: inputs ids[start:start + context]
+    (ending at the last input), start advancing by stride, and only the targets no earlier window scored count."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    nll, count, done, start = 0.0, 0, 0, 0
+    while done < len(ids) - 1:
+        end = min(start + context, len(ids) - 1)
+        logits = model(input_ids=ids[None, start:end]).logits[0].float()  # (end - start, V): predicts start+1..end
+        nll += torch.nn.functional.cross_entropy(logits[done - start:], ids[done + 1:end + 1], reduction='sum').item()
+        count += end - done
+        done, start = end, start + stride
+    return {'loss': nll / count, 'ppl': math.exp(nll / count), 'tokens': count}
+
+
+def markdown_table(header, rows):
+    rule = '|' + '|'.join('---:' if i else ':---' for i in range(len(header))) + '|'
+    lines = ['| ' + ' | '.join(header) + ' |', rule]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
+def bench_gguf(argv):
+    import transformers
+    import weights
+    cfg = parse_config(GGUFBenchConfig, argv)
+    variants, sizes = cfg.variants.split(','), [int(b) for b in cfg.batch_sizes.split(',')]
+    for path in (cfg.gguf, cfg.text):
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path} not found (bench.py gguf reads ../shared/data; or set --gguf / --text)")
+    if set(variants) - {'fp32', 'bf16', 'int8', 'int4'} or cfg.hf_from not in ('gguf', 'folder'):
+        sys.exit("error: --variants is a list of fp32, bf16, int8, int4 and --hf_from is gguf or folder")
+    if not 0 < cfg.ppl_stride <= cfg.ppl_context or cfg.new_tokens < 2:
+        sys.exit("error: --ppl_stride must be in 1..ppl_context, and --new_tokens at least 2 (decode leaves the "
+                 "first new token, which the prefill makes, out)")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    peak = {d: matmul_flops(getattr(torch, d), 'cpu', n=1024, reps=3) for d in ('float32', 'bfloat16')}
+    read_bw, _ = memory_bandwidth()
+    cpu = cpu_name()
+    print(f"bench gguf: {os.path.basename(cfg.gguf)} on {cpu}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}")
+    print(f"measured matmul peak (1024^3): float32 {peak['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 "
+          f"{peak['bfloat16'] / 1e9:,.1f} GFLOP/s ({peak['bfloat16'] / peak['float32']:.2f}x; bf16 matrix "
+          f"instructions: {'yes' if cpu_has_fast_bf16() else 'no'}); memory read bandwidth {read_bw / 1e9:.1f} GB/s",
+          flush=True)
+    g = weights.read_gguf(cfg.gguf)
+    base = weights.model_from_gguf(g)
+    whose, encode = gguf_tokenizer(g)
+    hf_tok = hf_gguf_tokenizer(cfg.gguf)
+    need = max(cfg.ppl_tokens, cfg.prompt_len, max(sizes) * cfg.decode_prompt) if cfg.ppl_tokens else 0
+    ids = text_tokens(encode, cfg.text, need)
+    same_ids = whose == 'transformers' or \
+        text_tokens(lambda t: hf_tok.encode(t, add_special_tokens=False), cfg.text, need) == ids
+    if len(ids) < max(cfg.prompt_len, max(sizes) * cfg.decode_prompt):
+        sys.exit(f"error: {cfg.text} has {len(ids)} tokens, fewer than prompt_len or batch x decode_prompt")
+    ppl_ids = ids[:cfg.ppl_tokens] if cfg.ppl_tokens else ids
+    print(f"{num_params(base) / 1e6:.1f}M parameters; tokenizer: {whose}'s reader of the GGUF"
+          + ('' if whose == 'transformers' else f" (same ids as transformers': {'yes' if same_ids else 'NO'})"))
+    work = tempfile.mkdtemp(prefix='bench_gguf_')
+    try:
+        save_pretrained(base, work)  # transformers' folder of the same weights, through our exporter
+        hf_tok.save_pretrained(work)
+        procs = variants + ['hf-gguf', 'hf-folder']
+        args = [f'--{k}={v}' for k, v in asdict(cfg).items()]
+        fresh = {p: [] for p in procs}
+        for _ in range(cfg.load_rounds):  # in turn, so a slow spell hits every variant alike
+            for p in procs:
+                r = subprocess.run([sys.executable, os.path.abspath(__file__), '_gguf_worker', p, work, *args],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f'error: the {p} worker failed:\n{r.stderr[-2000:]}')
+                fresh[p].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        loads = {p: {**{k: min(r[k] for r in runs) for k in ('model_s', 'tokenizer_s', 'load_s', 'ready_s')},
+                     'peak_mib': max(r['peak_mib'] for r in runs), 'tokens': runs[0]['tokens']}
+                 for p, runs in fresh.items()}
+        ref = loads[variants[0]]['tokens'] if 'fp32' not in loads else loads['fp32']['tokens']
+        print(f"\nload, fresh processes, best of {cfg.load_rounds} (seconds after imports; ready = converted and "
+              f"packed too; peak = the process's peak RSS through load, a {cfg.prompt_len}-token prefill and a "
+              f"batch-{max(sizes)} decode of {cfg.new_tokens} tokens)")
+        print(f"{'':<10} {'model s':>8} {'tokenizer s':>12} {'load s':>7} {'ready s':>8} {'peak MiB':>9} "
+              f"{'greedy tokens = ours fp32':>26}")
+        for p, r in loads.items():
+            print(f"{p:<10} {r['model_s']:>8.2f} {r['tokenizer_s']:>12.2f} {r['load_s']:>7.2f} {r['ready_s']:>8.2f} "
+                  f"{r['peak_mib']:>9,.0f} {'yes' if r['tokens'] == ref else 'no':>26}", flush=True)
+        src, kw = ((work, {}) if cfg.hf_from == 'folder' else
+                   (os.path.dirname(os.path.abspath(cfg.gguf)), {'gguf_file': os.path.basename(cfg.gguf)}))
+        with contextlib.redirect_stderr(io.StringIO()):  # its GGUF reader's progress bar
+            hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    x = gguf_prompts(ids, 1, cfg.prompt_len)
+    with torch.no_grad():
+        a, b = base(x)[0], hf(input_ids=x).logits
+    logits_diff = ((a - b).abs().max() / b.abs().max()).item()
+    print(f"\nidentical weights: ours fp32 and transformers (from the {cfg.hf_from}) differ by at most "
+          f"{logits_diff:.1e} of the largest logit on a {cfg.prompt_len}-token prompt")
+    models, rows = {}, {}
+    for v in variants:
+        models[v], wbytes = gguf_variant(copy.deepcopy(base), v, cfg)
+        rows[v] = {'weight_bytes': wbytes}
+    del base
+    rows['hf'] = {'weight_bytes': state_bytes(hf)}
+    gens = {v: generate_fn(m, False) for v, m in models.items()} | {'hf': generate_fn(hf, True)}
+    print(f"speed: prefill of {cfg.prompt_len} tokens; greedy decode of {cfg.new_tokens} from {cfg.decode_prompt}-"
+          f"token prompts at batch {cfg.batch_sizes} (the first new token left out); every variant in turn, best of "
+          f"{cfg.rounds}", flush=True)
+    speed, out = gguf_speed(gens, ids, cfg, sizes)
+    for v in rows:
+        rows[v].update(speed[v])
+        rows[v]['same_tokens_b1'] = (out[v, sizes[0]] == out['hf', sizes[0]]).float().mean().item()
+        rows[v]['weights_gbs'] = rows[v]['weight_bytes'] * rows[v][f'decode_b{sizes[0]}_tps'] / sizes[0] / 1e9
+        fresh_v = loads['hf-' + cfg.hf_from if v == 'hf' else v]
+        rows[v].update({k: fresh_v[k] for k in ('load_s', 'ready_s', 'peak_mib')})
+    print(f"perplexity: {len(ppl_ids):,} tokens of {os.path.basename(cfg.text)}, windows of {cfg.ppl_context} "
+          f"advancing by {cfg.ppl_stride}", flush=True)
+    for v in rows:
+        t0 = time.perf_counter()
+        r = hf_perplexity(hf, ppl_ids, cfg.ppl_context, cfg.ppl_stride) if v == 'hf' else \
+            eval_context(models[v], ppl_ids, cfg)
+        rows[v].update(ppl=r['ppl'], ppl_tokens_scored=r['tokens'])
+        print(f"  {v:<5} ppl {r['ppl']:.4f} over {r['tokens']:,} scored tokens ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+    names = {v: f'ours {v}' for v in variants} | {'hf': 'transformers fp32'}
+    b0 = sizes[0]
+    header = ['variant', 'load s', 'ready s', 'peak RSS MiB', 'prefill tok/s'] + \
+        [f'decode b{B} tok/s' for B in sizes] + ['weights MB', f'GB/s (b{b0})', 'of read bw', 'ppl',
+                                                 f'same tokens as hf (b{b0})']
+    table = []
+    for v, r in rows.items():
+        table.append([names[v], f"{r['load_s']:.2f}", f"{r['ready_s']:.2f}", f"{r['peak_mib']:,.0f}",
+                      f"{r['prefill_tps']:,.0f}"] + [f"{r[f'decode_b{B}_tps']:,.1f}" for B in sizes] +
+                     [f"{r['weight_bytes'] / 1e6:.0f}", f"{r['weights_gbs']:.1f}",
+                      f"{r['weights_gbs'] * 1e9 / read_bw:.0%}", f"{r['ppl']:.4f}", f"{r['same_tokens_b1']:.0%}"])
+    print('\n' + markdown_table(header, table))
+    keys = ['prefill_tps'] + [f'decode_b{B}_tps' for B in sizes]
+    labels = ['prefill'] + [f'decode b{B}' for B in sizes]
+    refs = [('hf', 'x transformers fp32')] + ([('bf16', 'x our bf16')] if 'bf16' in rows else [])
+    header = ['variant'] + [f'{k} {label}' for _, label in refs for k in labels] + ['peak RSS x transformers']
+    table = [[names[v]] + [f'{r[k] / rows[ref][k]:.2f}x' for ref, _ in refs for k in keys] +
+             [f"{r['peak_mib'] / rows['hf']['peak_mib']:.2f}x"] for v, r in rows.items()]
+    print('\n' + markdown_table(header, table))
+    print(f"\ntransformers' own loads: the GGUF {loads['hf-gguf']['load_s']:.2f}s, the saved HF folder "
+          f"{loads['hf-folder']['load_s']:.2f}s (model and tokenizer)")
+    targets = []
+    if 'fp32' in rows:
+        targets.append(("ours load (GGUF to model and tokenizer) <= 3 s", loads['fp32']['load_s'], 3, 's', False))
+        d = abs(rows['fp32']['ppl'] / rows['hf']['ppl'] - 1)
+        targets.append(("perplexity ours fp32 = transformers' within 0.1%", d, 0.001, '', False))
+    if 'bf16' in rows and 1 in sizes:
+        targets.append(("bf16 decode batch 1 >= 2x transformers' fp32",
+                        rows['bf16']['decode_b1_tps'] / rows['hf']['decode_b1_tps'], 2, 'x', True))
+    if 'bf16' in rows and 'int4' in rows and 1 in sizes:
+        targets.append(("int4 decode batch 1 >= 1.5x our bf16",
+                        rows['int4']['decode_b1_tps'] / rows['bf16']['decode_b1_tps'], 1.5, 'x', True))
+    for what, value, limit, unit, at_least in targets:
+        met = value >= limit if at_least else value <= limit
+        shown = f"{value:.3%}" if unit == '' else f"{value:.2f}{unit}"
+        print(f"target {what}: {shown} {'met' if met else 'MISSED'}")
+    result = dict(config=asdict(cfg), cpu=cpu, threads=torch.get_num_threads(), matmul_peak_flops=peak,
+                  read_bandwidth=read_bw, tokenizer=whose, same_ids_as_transformers=same_ids,
+                  logits_max_rel_diff=logits_diff, loads={p: {k: v for k, v in r.items() if k != 'tokens'}
+                                                          for p, r in loads.items()},
+                  rows=rows, targets={t[0]: dict(value=t[1], limit=t[2]) for t in targets})
+    if cfg.report:
+        with open(cfg.report, 'w') as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {cfg.report}")
+    return result
+
+
 BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
-           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve}
+           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf}
 
 
 def main(argv):
@@ -945,6 +1360,8 @@ def main(argv):
         return train_worker(parse_config(BenchConfig, argv[1:]))
     if argv[:1] == ['_finetune_worker']:
         return finetune_worker(parse_config(FinetuneBenchConfig, argv[2:]), argv[1])
+    if argv[:1] == ['_gguf_worker']:
+        return gguf_worker(parse_config(GGUFBenchConfig, argv[3:]), argv[1], argv[2])
     cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiktoken_cache')
     if os.path.isdir(cache):  # GPT-2's tokenizer offline, from ../shared
         os.environ.setdefault('TIKTOKEN_CACHE_DIR', cache)
