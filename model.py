@@ -519,7 +519,12 @@ class PackedLinear(nn.Linear):
         stamp, p = (_stamp(w), b is not None and _stamp(b), _optimizer_steps), self.__dict__.get('packed')
         if p is None or p[0] != stamp:  # (stamp, sample, packed weight, bias, dtype they compute in)
             dtype = w.dtype if ONEDNN_BF16 else torch.float32
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None)
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None)
+            except RuntimeError:  # oneDNN has no kernel for this CPU: nn.Linear from now on, for every model
+                global CAN_PACK
+                CAN_PACK, self.__class__ = False, nn.Linear
+                return F.linear(x, w, b)
             p = self.__dict__['packed'] = (stamp, _sample(w), packed, None if b is None else b.to(dtype), dtype)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)).to(p[4]), p[2], p[3], 'none', [], '')
         return y.view(*x.shape[:-1], y.size(-1)).to(x.dtype)

@@ -155,3 +155,21 @@ def test_packed_model_copies_and_pickles():
     loaded = torch.load(buf, weights_only=False)
     assert torch.equal(twin.generate(X, 10, temperature=0), out)
     assert torch.equal(loaded.generate(X, 10, temperature=0), out)
+
+
+def test_compiled_forward_takes_the_stock_path():  # (sample.py --compile: inductor packs the weights itself)
+    fast = tiny()
+    ref = stock(fast)
+    fast.forward = torch.compile(fast.forward, dynamic=True, backend='eager')
+    assert torch.equal(fast.generate(X, 10, temperature=0), ref.generate(X, 10, temperature=0))
+    assert not any('packed' in m.__dict__ for m in linears(fast))
+
+
+@pytest.mark.skipif(M.ONEDNN_BF16, reason="needs a CPU where oneDNN cannot pack bf16 weights")
+def test_a_weight_onednn_cannot_pack_falls_back_to_nn_linear(monkeypatch):
+    monkeypatch.setattr(M, 'ONEDNN_BF16', True)  # claims bf16 kernels this CPU lacks, so packing raises
+    monkeypatch.setattr(M, 'CAN_PACK', True)     # (and restores it after the fallback turned it off)
+    fast = tiny('gpt', torch.bfloat16)
+    ref = stock(fast)
+    assert torch.equal(fast.generate(X, 10, temperature=0), ref.generate(X, 10, temperature=0))
+    assert not M.CAN_PACK and all(type(m) is torch.nn.Linear for m in linears(fast))
