@@ -505,7 +505,9 @@ class PackedLinear(nn.Linear):
     bound by memory bandwidth, and the packed kernels read ~1.5-2x faster than MKL's fp32 matrix-vector product.
     bf16 weights without oneDNN bf16: one row (batch-1 decoding) goes through ATen's bf16 matrix-vector product,
     which reads half the bytes and needs no copy; more rows through an fp32 copy (ATen's bf16 matrix product is
-    ~3-7x slower there than packed fp32). Whatever needs gradients, and torch.compile, take nn.Linear's path."""
+    ~3-7x slower there than packed fp32). From 512 rows on (long prompts), where the work is compute-bound, MKL's
+    fp32 matmul on the weight itself (bf16 ones cast per call) beats the packed kernel. Whatever needs gradients,
+    and torch.compile, take nn.Linear's path."""
 
     def forward(self, x):
         w, b = self.weight, self.bias
@@ -514,8 +516,11 @@ class PackedLinear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b is not None and b.requires_grad):
             self.__dict__.pop('packed', None)  # training: free the copy, the next step makes it stale
             return F.linear(x, w, b)
-        if w.dtype == torch.bfloat16 and not ONEDNN_BF16 and x.numel() == x.size(-1):
+        rows = x.numel() // x.size(-1)
+        if w.dtype == torch.bfloat16 and not ONEDNN_BF16 and rows == 1:
             return F.linear(x, w, b)
+        if rows >= 512 and (w.dtype == torch.float32 or not ONEDNN_BF16):  # long prompts: MKL's fp32 matmul
+            return F.linear(x.float(), w.float(), b if b is None else b.float()).to(x.dtype)  # is 5-15% faster
         stamp, p = (_stamp(w), b is not None and _stamp(b), _optimizer_steps), self.__dict__.get('packed')
         if p is None or p[0] != stamp:  # (stamp, sample, packed weight, bias, dtype they compute in)
             dtype = w.dtype if ONEDNN_BF16 else torch.float32

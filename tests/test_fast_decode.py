@@ -31,6 +31,7 @@ def linears(model):
 
 
 X = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+LONG = torch.randint(0, 97, (9, 60), generator=torch.Generator().manual_seed(2))  # 540 rows: MKL's matmul
 
 
 @pytest.mark.parametrize('model_type', ['gpt', 'llama'])
@@ -41,8 +42,8 @@ def test_fp32_same_logits_and_greedy_tokens(model_type):
     assert all(type(m) is M.PackedLinear and 'packed' in m.__dict__ for m in linears(fast))
     assert all(type(m) is torch.nn.Linear for m in linears(ref))
     with torch.no_grad():
-        assert torch.allclose(fast(X)[0], ref(X)[0], atol=1e-5, rtol=1e-5)          # prefill: many rows
-        assert torch.allclose(fast(X[:1, :1])[0], ref(X[:1, :1])[0], atol=1e-5, rtol=1e-5)  # one row
+        for x in (X, X[:1, :1], LONG):  # many rows (prefill, batches), one row, a long prompt
+            assert torch.allclose(fast(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('onednn_bf16', BF16_PATHS)
@@ -54,7 +55,7 @@ def test_bf16_same_logits_and_greedy_tokens(model_type, onednn_bf16, monkeypatch
     out = fast.generate(X, 30, temperature=0)
     assert out.shape == (3, 40)
     with torch.no_grad():
-        for x in (X, X[:1, :1], X[:1]):  # many rows, and the one-row path of batch-1 decoding
+        for x in (X, X[:1, :1], X[:1], LONG):  # many rows, the one row of batch-1 decoding, a long prompt
             assert torch.allclose(fast(x)[0].float(), ref(x)[0].float(), atol=3e-2, rtol=3e-2)
         # greedy under rounding: each new token is (within bf16 rounding) the stock model's argmax on that prefix
         logits = ref(out[:, :-1])[0][:, 9:].float()  # (B, 30, V): predictions of the 30 new tokens
