@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from quantize import NF4Linear
 from sample import chat_prompt, chat_style, load_model, meta_tokenizer, read_json_records
-from train import (TrainConfig, UserError, get_batch, load_checkpoint, load_data, parse_config, resolve_device,
-                   resolve_dtype, run_cli, save_checkpoint, train)
+from train import (TrainConfig, UserError, check_ranges, get_batch, load_checkpoint, load_data, parse_config,
+                   resolve_device, resolve_dtype, run_cli, save_checkpoint, train, writable_dir)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -111,6 +111,10 @@ def apply_lora(model, target='attn', r=8, alpha=16, dropout=0.0, qlora=False, bl
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters: apply_lora once per model")
     pattern = TARGETS.get(target, target)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoRA target {target!r} is not attn, mlp, all or a valid regex ({e})") from None
     linears = _linears(model)
     names = [n for n, _ in linears if re.search(pattern, n)]
     if not names:
@@ -342,7 +346,7 @@ def sft_batch(examples, cfg, split, it, micro, device, pad_id):
 def make_task(cfg):
     """train.train's task: the base model with adapters (or all weights trainable), its tokenizer, the data."""
     def task(_cfg, ckpt, device, master):
-        model, tok = load_model(cfg.init_from, 'cpu', 'float32')
+        model, tok = load_model(cfg.init_from, 'cpu', 'float32', cfg.trust_checkpoint)
         cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
         bert = model.config.model_type == 'bert'
         if bert and cfg.task != 'classify':
@@ -360,7 +364,8 @@ def make_task(cfg):
         fingerprint = base_fingerprint(model)
         if cfg.mode not in ('full', 'lora', 'qlora'):
             raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
-        adapter, merged_before = read_adapter(cfg.adapter) if cfg.adapter else None, merged_adapters(cfg.init_from)
+        adapter, merged_before = read_adapter(cfg.adapter, cfg.trust_checkpoint) if cfg.adapter else None, \
+            merged_adapters(cfg.init_from, cfg.trust_checkpoint)
         if adapter and adapter.get('id') in merged_before:
             raise UserError(f"{cfg.adapter} is already merged into {cfg.init_from}: pass the base it was trained on "
                             f"(--init_from={adapter['config']['init_from']})")
@@ -421,9 +426,9 @@ def make_task(cfg):
     return task
 
 
-def read_adapter(path):
+def read_adapter(path, trust=False):
     """An adapter.pt written by a LoRA/QLoRA run: tensors, settings and the base's fingerprint."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, trust=trust)
     if not isinstance(state, dict) or not {'lora', 'lora_config', 'fingerprint'} <= set(state):
         raise UserError(f"'{path}' is not an adapter.pt (no lora, lora_config and fingerprint): pass --init_from "
                         f"for full checkpoints")
@@ -438,12 +443,13 @@ def adapter_id(lora):
     return h.hexdigest()[:16]
 
 
-def merged_adapters(init_from):
+def merged_adapters(init_from, trust=False):
     """Ids of the adapters already merged into init_from (a finetune_lora.py out_dir), so none is merged twice."""
     path = os.path.join(init_from, 'ckpt.pt')
     if not os.path.isfile(path):
         return []
-    return torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('merged_adapters', [])
+    ckpt = load_checkpoint(path, trust=trust, mmap=True)
+    return ckpt.get('merged_adapters', []) if isinstance(ckpt, dict) else []
 
 
 def frozen_to(model, dtype):
@@ -540,6 +546,18 @@ def sft_data(cfg, tok, master):
 
 def main(argv):
     cfg = parse_config(FinetuneConfig, argv)
+    check_ranges(cfg, positive=('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
+                                'log_interval', 'lora_r', 'nf4_block'),
+                 non_negative=('learning_rate', 'min_lr', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'block_size',
+                               'weight_decay', 'grad_clip', 'patience', 'num_threads', 'lora_alpha'),
+                 fractions=('lora_dropout', 'dropout', 'beta1', 'beta2'))
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), not {cfg.val_fraction!r}")
+    writable_dir(cfg.out_dir, 'out_dir')
+    try:  # before the model loads
+        re.compile(TARGETS.get(cfg.lora_targets, cfg.lora_targets))
+    except re.error as e:
+        raise UserError(f"lora_targets={cfg.lora_targets!r} is not attn, mlp, all or a valid regex ({e})") from None
     if cfg.task == 'sft' and not cfg.data:
         raise UserError("task=sft needs --data=FILE.json or .jsonl of {instruction, input, output} records")
     if cfg.fsdp:
@@ -553,7 +571,7 @@ def main(argv):
     else:
         train(cfg, make_task(cfg))
     if cfg.task == 'classify':  # the held-out figures of the saved (merged) model
-        model, tok = load_model(cfg.out_dir, resolve_device(cfg.device), 'float32')
+        model, tok = load_model(cfg.out_dir, resolve_device(cfg.device), 'float32', cfg.trust_checkpoint)
         examples, labels = classify_data(cfg, tok)
         report = classify_report(model, examples['val'], labels, model.classifier.weight.device)
         print(f"held-out: accuracy {report['accuracy']:.2%}, macro-F1 {report['macro_f1']:.3f} over {report['n']} examples")

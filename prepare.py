@@ -72,7 +72,7 @@ import tiktoken
 from tqdm import tqdm
 
 import bpe
-from train import UserError, parse_config, run_cli
+from train import UserError, parse_config, run_cli, writable_dir
 
 PREPARE_VERSION = 1  # bump when the output for the same input changes; older data is then rebuilt
 DATASETS = ('shakespeare_char', 'shakespeare', 'text', 'pydocs', 'dolma', 'fineweb_edu', 'c4', 'urls')
@@ -556,6 +556,7 @@ def prepare(cfg, fallback=False):
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (e.g. 0.1), not {cfg.val_fraction}")
     cfg.out_dir = cfg.out_dir or os.path.join('data', cfg.dataset)
+    writable_dir(cfg.out_dir, 'out_dir')
     if cfg.dataset in STREAM_DATASETS:
         return prepare_stream(cfg)
     dataset, docs, source = load_corpus(cfg, fallback)

@@ -571,6 +571,7 @@ class QuantizeConfig:
     report: str = ''                # write the figures as JSON here
     device: str = 'cpu'
     seed: int = 1337
+    trust_checkpoint: bool = False  # load checkpoints that need pickle (it can run code): trusted files only
 
 
 def default_eval_data(init_from):
@@ -660,8 +661,11 @@ def main(argv):
     import copy
     import json
     from sample import eval_data_tokens, load_model
-    from train import UserError, parse_config, print_config, resolve_device
+    from train import UserError, parse_config, print_config, resolve_device, writable_dir, writable_file
     cfg = parse_config(QuantizeConfig, argv)
+    writable_dir(cfg.out_dir, 'out_dir')
+    writable_file(cfg.out, 'out')
+    writable_file(cfg.report, 'report')
     if cfg.mode not in SCHEMES + ('prune', 'gguf'):
         raise UserError(f"mode must be int8, int4, nf4, dynamic, prune or gguf, not '{cfg.mode}'")
     if cfg.mode == 'prune' and not (0 <= cfg.sparsity < 1 and cfg.prune_scope in ('global', 'layer') and
@@ -675,7 +679,7 @@ def main(argv):
     print_config(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, tok = load_model(cfg.init_from, device, 'float32')
+    model, tok = load_model(cfg.init_from, device, 'float32', cfg.trust_checkpoint)
     if cfg.mode in ('int4', 'nf4') and 32 % cfg.group_size and cfg.init_from.endswith('.gguf'):
         from weights import read_gguf
         if {t.type for t in read_gguf(cfg.init_from).tensors.values()} & {2, 3, 6, 7}:  # Q4_0, Q4_1, Q5_0, Q5_1
@@ -732,7 +736,7 @@ def main(argv):
     if cfg.mode == 'prune':
         report['sparsity'] = sparsity
         if ids is not None and cfg.sensitivity_tokens:
-            loss = layer_sensitivity(load_model(cfg.init_from, device, 'float32')[0], ids, cfg)
+            loss = layer_sensitivity(load_model(cfg.init_from, device, 'float32', cfg.trust_checkpoint)[0], ids, cfg)
             report['loss_increase_per_layer'] = loss
             worst = sorted(loss, key=loss.get, reverse=True)[:5]
             print("layers that lose most when pruned alone (loss increase): " +
@@ -741,7 +745,7 @@ def main(argv):
         from train import load_checkpoint
         os.makedirs(cfg.out_dir, exist_ok=True)
         src = os.path.join(cfg.init_from, 'ckpt.pt')
-        meta = load_checkpoint(src)['meta'] if os.path.isfile(src) else {'tokenizer': tok.meta}
+        meta = load_checkpoint(src, trust=cfg.trust_checkpoint)['meta'] if os.path.isfile(src) else {'tokenizer': tok.meta}
         save_quantized(result, os.path.join(cfg.out_dir, 'ckpt.pt'), plan, {'meta': meta})
         print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python sample.py --init_from={cfg.out_dir}")
     if cfg.report:

@@ -13,7 +13,6 @@ BM25 (Okapi) is written out over numpy arrays. Dense retrieval embeds each chunk
 rankings by reciprocal rank fusion. Running `index` again on an existing index reads only new or changed
 files and drops the chunks of deleted ones; `query` and `ask` warn when sources changed since.
 """
-import glob
 import hashlib
 import html
 import json
@@ -29,7 +28,7 @@ import torch
 
 from prepare import decode_file
 from sample import chat_prompt, chat_style, load_model, read_json_records, stream_text
-from train import UserError, parse_config, resolve_device, run_cli
+from train import UserError, load_checkpoint, parse_config, resolve_device, run_cli, writable_dir, writable_file
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
 JSONL_FIELDS = ('text', 'content', 'contents', 'abstract', 'body')
@@ -64,28 +63,82 @@ class RagConfig:
     tune_batch: int = 32
     tune_lr: float = 3e-3
     device: str = 'cpu'
+    trust_checkpoint: bool = False  # load checkpoints that need pickle (it can run code): trusted files only
 
 
 # ----------------------------------------------------------------------------------------------------------
 # documents and chunks
 
 def list_files(docs):
-    """Files with a known extension under a folder, matching a glob, or the one file named: sorted paths."""
+    """Files with a known extension under a folder, matching a glob (*, ** and ?), or the one file named: sorted
+    paths. Links are not followed out of the folder (or the glob's fixed leading folder), nor around in loops."""
+    if os.path.isfile(docs):
+        return [docs]
     if os.path.isdir(docs):
-        paths = glob.glob(os.path.join(docs, '**', '*'), recursive=True)
-    elif os.path.isfile(docs):
-        paths = [docs]
+        paths = walk(docs)
+    elif re.search(r'[*?]', docs):
+        fixed = re.split(r'[*?]', docs, maxsplit=1)[0]
+        root = os.path.dirname(fixed)
+        match = glob_regex(os.path.join(root or '.', docs[len(root):].lstrip('/'))).fullmatch
+        paths = [p for p in walk(root or '.') if match(p)] if os.path.isdir(root or '.') else []
+        paths = paths if root else [os.path.relpath(p) for p in paths]  # 'a.md', not './a.md', as glob gives
     else:
-        paths = glob.glob(docs, recursive=True)
-        if not paths:
-            raise UserError(f"--docs '{docs}' is not a folder, a file, or a glob that matches anything")
-    return sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(EXTENSIONS))
+        paths = []
+    if not paths:
+        raise UserError(f"--docs '{docs}' is not a folder, a file, or a glob that matches anything")
+    return sorted(p for p in paths if p.lower().endswith(EXTENSIONS))
+
+
+def walk(root):
+    """Files under root, hidden ones left out. os.walk does not enter links to folders (so no loops), and a link
+    to a file counts when its target lies inside root and is not indexed already (no /etc/passwd, no duplicates)."""
+    files, links = [], []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        for name in sorted(n for n in names if not n.startswith('.')):
+            path = os.path.join(folder, name)
+            (links if os.path.islink(path) else files).append(path)
+    top, seen = os.path.realpath(root), {os.path.realpath(p) for p in files}
+    for path in links:
+        real = os.path.realpath(path)
+        if real not in seen and os.path.commonpath([top, real]) == top and os.path.isfile(real):
+            seen.add(real)
+            files.append(path)
+    return files
+
+
+def glob_regex(pattern):
+    # glob's meaning: ** any folders (also none), * and ? within one path part
+    parts = {'**/': '(?:.*/)?', '**': '.*', '*': '[^/]*', '?': '[^/]'}
+    return re.compile(''.join(parts.get(p) or re.escape(p) for p in re.split(r'(\*\*/?|\*|\?)', pattern)))
+
+
+TAG = re.compile(r'<(?:(!--)|(script|style)\b|[a-zA-Z/!?])', re.I)
+CLOSE = {'script': re.compile(r'</script\s*>', re.I), 'style': re.compile(r'</style\s*>', re.I)}
 
 
 def strip_html(text):
-    # the visible text: scripts, styles and comments out, tags become spaces, entities decoded
-    text = re.sub(r'(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->', ' ', text)
-    return html.unescape(re.sub(r'<[^>]+>', ' ', text))
+    """The visible text of a page: tags become spaces, entities are decoded, scripts, styles and comments go.
+    One pass, each search starting where the last ended, so hostile pages (thousands of unclosed comments or
+    <script> tags) take linear time; regular expressions over the whole page and Python 3.11's html.parser
+    were quadratic there. Like a browser, an unclosed comment or script hides the rest."""
+    out, i = [], 0
+    while (m := TAG.search(text, i)) is not None:
+        out.append(text[i:m.start()])
+        if m.group(1):  # <!-- ... -->
+            end = text.find('-->', m.end())
+            i = len(text) if end < 0 else end + 3
+        elif m.group(2):  # <script ...> ... </script>
+            close = CLOSE[m.group(2).lower()].search(text, m.end())
+            i = len(text) if close is None else close.end()
+        else:
+            end = text.find('>', m.end())
+            if end < 0:  # a '<' that opens nothing: the rest is text
+                break
+            i = end + 1
+        out.append(' ')
+    out.append(text[i:])
+    return html.unescape(''.join(out))
 
 
 def read_documents(path, name):
@@ -155,6 +208,7 @@ class Index:
         self.root, self.files, self.chunks = None, {}, []
         self.vocab, self.chunk_terms, self.chunk_tfs, self.dense = {}, [], [], None
         self._postings, self._embedder = None, None
+        self.trust = False  # load an embed_from checkpoint that needs pickle (train.load_checkpoint)
 
     # -- building ------------------------------------------------------------------------------------------
     def add(self, source, text, vectors=None):
@@ -252,9 +306,9 @@ class Index:
     # -- dense vectors -------------------------------------------------------------------------------------
     def embedder(self, device='cpu'):
         if self._embedder is None:
-            model, tok = load_model(self.settings['embed_from'], device)
+            model, tok = load_model(self.settings['embed_from'], device, trust=self.trust)
             if self.settings['pooling'] == 'auto':
-                self.settings['pooling'] = tuned_pooling(self.settings['embed_from']) or 'hidden'
+                self.settings['pooling'] = tuned_pooling(self.settings['embed_from'], self.trust) or 'hidden'
             self._embedder = (model, tolerant(tok))
         return self._embedder
 
@@ -385,12 +439,13 @@ def embed_texts(model, tok, texts, pooling='hidden', max_len=None):
     return torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1)).float(), dim=-1).cpu()  # (B, C)
 
 
-def tuned_pooling(embed_from):
+def tuned_pooling(embed_from, trust=False):
     # the pooling a `rag.py tune` checkpoint was trained for (None for any other model)
     path = os.path.join(embed_from, 'ckpt.pt')
     if not os.path.isfile(path):
         return None
-    return torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('rag_pooling')
+    ckpt = load_checkpoint(path, trust=trust, mmap=True)
+    return ckpt.get('rag_pooling') if isinstance(ckpt, dict) else None
 
 
 def cloze(text, rng):
@@ -412,7 +467,7 @@ def tune(idx, cfg, log=print):
     their token embeddings: a few hundred steps take under a minute on a CPU. Writes out_dir/ckpt.pt."""
     import random
     from train import save_checkpoint
-    model, tok = load_model(cfg.embed_from, resolve_device(cfg.device))
+    model, tok = load_model(cfg.embed_from, resolve_device(cfg.device), trust=cfg.trust_checkpoint)
     tok = tolerant(tok)
     texts = [c['text'] for c in idx.chunks]
     if len(texts) < 2:
@@ -493,7 +548,7 @@ def build_prompt(question, passages, tok, budget, style=None):
 
 def ask(idx, cfg, question, out=sys.stdout):
     """Retrieve, build the prompt, stream the answer, list the sources. Returns (answer, passages, notes)."""
-    model, tok = load_model(cfg.init_from, resolve_device(cfg.device))
+    model, tok = load_model(cfg.init_from, resolve_device(cfg.device), trust=cfg.trust_checkpoint)
     tok = tolerant(tok)
     (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k, cfg.dense_weight)
     passages = [(idx.chunks[i], s) for i, s in hits]
@@ -565,10 +620,15 @@ def main(argv):
     question = ' '.join(a for a in rest if a not in options).strip()
     cfg = parse_config(RagConfig, options)
     if command == 'index':
+        writable_dir(cfg.index, 'index')
+    writable_dir(cfg.out_dir, 'out_dir')
+    writable_file(cfg.report, 'report')
+    if command == 'index':
         if not cfg.docs:
             raise UserError("index needs --docs=FOLDER, FILE or 'GLOB'")
         exists = os.path.isfile(os.path.join(cfg.index, 'index.json'))
         idx = Index.load(cfg.index) if exists else Index(cfg)
+        idx.trust = cfg.trust_checkpoint
         if exists and cfg.embed_from and cfg.embed_from != idx.settings['embed_from']:
             raise UserError(f"'{cfg.index}' was built with embed_from='{idx.settings['embed_from']}': use a new "
                             f"--index folder for another embedding model")
@@ -582,6 +642,7 @@ def main(argv):
               + (f"; dense vectors from {idx.settings['embed_from']}" if idx.dense is not None else ''))
         return counts
     idx = Index.load(cfg.index)
+    idx.trust = cfg.trust_checkpoint
     stale = idx.stale()
     if stale:
         print(f"note: {len(stale)} source file(s) changed since indexing ({', '.join(stale[:3])}): run "

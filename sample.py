@@ -35,7 +35,7 @@ from model import PretrainedError, from_pretrained, pretrained_folder
 from prepare import bpe_from_text, decode_file, load_tokenizer, tiktoken_encoding, tokenizer_identity
 from quantize import load_quantized
 from train import (UserError, load_checkpoint, load_data, model_from_checkpoint, parse_config, resolve_device,
-                   resolve_dtype, run_cli)
+                   resolve_dtype, run_cli, writable_file)
 from weights import model_from_gguf, read_gguf
 
 
@@ -69,6 +69,7 @@ class SampleConfig:
     dtype: str = 'auto'              # float32 | bfloat16 | float16 | auto; weights are converted to it
     compile: bool = False            # torch.compile the model's forward
     pack: bool = True                # CPU: pre-pack weights for oneDNN, 2-2.5x faster decoding (pack_linears)
+    trust_checkpoint: bool = False   # load checkpoints that need pickle (it can run code): trusted files only
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,15 +149,21 @@ def is_gguf(path):
     return False
 
 
-def load_model(init_from, device='cpu', dtype='float32'):
+def load_model(init_from, device='cpu', dtype='float32', trust=False):
     """(model in eval mode with its weights in dtype, tokenizer) from anything init_from names (see above).
-    The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template."""
+    The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template. trust: load
+    a ckpt.pt that needs pickle (train.load_checkpoint)."""
     if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
-        ckpt = load_checkpoint(os.path.join(init_from, 'ckpt.pt'), map_location=device)
-        if 'quantization' in ckpt:  # written by quantize.py
-            model = load_quantized(ckpt).to(device)
+        path = os.path.join(init_from, 'ckpt.pt')
+        ckpt = load_checkpoint(path, map_location=device, trust=trust)
+        if isinstance(ckpt, dict) and 'quantization' in ckpt:  # written by quantize.py
+            try:
+                model = load_quantized(ckpt).to(device)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"'{path}' is a damaged quantized checkpoint ({type(e).__name__}: "
+                                f"{' '.join(str(e).split()[:40])})") from None
         else:
-            model = model_from_checkpoint(ckpt, device)
+            model = model_from_checkpoint(ckpt, device, f"'{path}'")
         if not (ckpt.get('meta') or {}).get('tokenizer'):
             raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
         tok = meta_tokenizer(ckpt['meta'])
@@ -581,13 +588,15 @@ def evaluate(model, tok, cfg):
 
 def main(argv):
     cfg = parse_config(SampleConfig, argv)
+    writable_file(cfg.output, 'output')
+    writable_file(cfg.report, 'report')
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0 or cfg.top_k < 0 or cfg.batch_size < 1:
         raise UserError("num_samples and batch_size must be >= 1 and max_new_tokens, temperature and top_k >= 0")
     if not (0 < cfg.top_p <= 1 and 0 <= cfg.min_p < 1 and cfg.repetition_penalty > 0):
         raise UserError("top_p must be in (0, 1], min_p in [0, 1) and repetition_penalty > 0")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tok = load_model(cfg.init_from, device, dtype)
+    model, tok = load_model(cfg.init_from, device, dtype, cfg.trust_checkpoint)
     if cfg.compile:  # inductor packs the weights itself
         model.forward = torch.compile(model.forward, dynamic=True)
     elif cfg.pack and device == 'cpu':

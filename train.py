@@ -23,6 +23,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import sys
 import time
 import types
@@ -48,6 +50,7 @@ class TrainConfig:
     out_dir: str = 'out'
     data_dir: str = 'data/shakespeare_char'  # a folder written by prepare.py
     init_from: str = 'scratch'               # scratch | resume (from out_dir/ckpt.pt)
+    trust_checkpoint: bool = False           # load checkpoints that need pickle (it can run code): trusted files only
     # model (see model.ModelConfig); vocab_size 0 = the data's vocabulary (+1 [MASK] token for bert)
     model_type: str = 'gpt'
     n_layer: int = 6
@@ -147,6 +150,58 @@ def parse_config(cls, argv, base=None):
                     continue
                 setattr(cfg, key, _check_value(cls, key, value, arg))
     return cfg
+
+
+def check_ranges(cfg, positive=(), non_negative=(), fractions=()):
+    """One line naming the first key out of its range: positive ones > 0, non-negative ones >= 0 (0 means
+    'off' or 'default' for them), fractions in [0, 1)."""
+    for keys, ok, what in ((positive, lambda v: v > 0, '> 0'), (non_negative, lambda v: v >= 0, '>= 0'),
+                           (fractions, lambda v: 0 <= v < 1, 'in [0, 1)')):
+        for key in keys:
+            value = getattr(cfg, key)
+            if not ok(value) or value != value:  # value != value: NaN
+                raise UserError(f"{key} must be {what}, not {value!r}: e.g. --{key}={getattr(type(cfg)(), key)!r}")
+
+
+def check_train_config(cfg):
+    check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
+                                'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
+                                'rope_theta'),
+                 non_negative=('learning_rate', 'n_kv_head', 'intermediate_size', 'vocab_size', 'max_iters', 'min_lr', 'warmup_iters',
+                               'lr_decay_iters', 'weight_decay', 'grad_clip', 'patience', 'num_threads',
+                               'peak_tflops'),
+                 fractions=('dropout', 'beta1', 'beta2'))
+    if not 0 < cfg.mlm_probability < 1:
+        raise UserError(f"mlm_probability must be in (0, 1), not {cfg.mlm_probability!r}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}): the decay would raise it")
+    writable_dir(cfg.out_dir, 'out_dir')
+
+
+def writable_dir(path, key):
+    """One line when path cannot become a folder: a file is there already, or where a parent folder should be."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key}='{path}' is a file, not a folder: pick another --{key}")
+    _parent_folders(path, key)
+
+
+def writable_file(path, key):
+    """One line when path cannot be written as a file: a folder is there, or a file where a parent should be."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{key}='{path}' is a folder: give a file name, e.g. --{key}={os.path.join(path, 'out.json')}")
+    _parent_folders(os.path.dirname(os.path.abspath(path)), key, path)
+
+
+def _parent_folders(folder, key, path=None):
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{key}='{path or folder}' lies under '{folder}', which is a file, not a folder")
 
 
 def print_config(cfg):
@@ -308,13 +363,37 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path, map_location='cpu', trust=False, mmap=False):
+    """A torch.save'd file read weights-only: tensors, numbers, strings, lists and dicts, nothing that runs code.
+    A pickle (older checkpoints, someone else's file) could run anything while it loads, so one that needs more
+    is refused unless trust=True (--trust_checkpoint=True), which says the file comes from someone you trust.
+    mmap: map the tensors instead of reading them (to look at a few keys of a large file)."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at '{path}': train one with `python train.py ...` or check out_dir")
+        raise UserError(f"no checkpoint at '{path}': train one with `python train.py ...` or check out_dir"
+                        if not os.path.isdir(path) else f"'{path}' is a folder: a checkpoint file is needed here")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        what = re.search(r'GLOBAL (\S+)', str(e))  # torch names the first class or function the file needs
+        if what is None:  # not that refusal: the bytes themselves are wrong
+            why = re.search(r'WeightsUnpickler error: \s*(.+)', str(e))
+            raise UserError(f"'{path}' is not a readable checkpoint ({why.group(1) if why else first_line(e)})") \
+                from None
+        if not trust:
+            raise UserError(f"'{path}' holds Python objects ({what.group(1)}) that "
+                            f"only pickle loads, and pickle can run code hidden in the file: if you trust where "
+                            f"it came from, pass --trust_checkpoint=True") from None
+        print(f"warning: loading '{path}' with pickle (--trust_checkpoint=True)", file=sys.stderr)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from None
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [''])[0]
 
 
 def clean_state_dict(state):
@@ -324,10 +403,22 @@ def clean_state_dict(state):
     return state
 
 
-def model_from_checkpoint(ckpt, device='cpu'):
+def model_from_checkpoint(ckpt, device='cpu', where='the checkpoint'):
     """Rebuild the model a checkpoint was trained as and load its weights."""
-    model = build_model(ModelConfig(**ckpt['model_args']))
-    model.load_state_dict(clean_state_dict(ckpt['model']))
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model_args'), dict) or \
+            not isinstance(ckpt.get('model'), dict):
+        raise UserError(f"{where} is not a model checkpoint (it needs 'model' and 'model_args' dicts)")
+    try:
+        model = build_model(ModelConfig(**ckpt['model_args']))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where} has unusable model_args ({first_line(e)})") from None
+    try:
+        missing, unexpected = model.load_state_dict(clean_state_dict(ckpt['model']), strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # shapes that do not match, values that are no tensors
+        raise UserError(f"{where} does not match its model_args: {' '.join(str(e).split()[:40])}") from None
+    if missing or unexpected:
+        raise UserError(f"{where} does not match its model_args: {len(missing)} tensors missing (e.g. "
+                        f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     return model.to(device)
 
 
@@ -337,11 +428,19 @@ def append_metrics(path, record):
 
 
 def truncate_metrics(path, last_iter):
-    """On resume, drop records written after the checkpoint (a crash between checkpoint and log)."""
-    if not os.path.exists(path):
+    """On resume, drop records written after the checkpoint (a crash between checkpoint and log), and a line torn
+    by the crash."""
+    if not os.path.isfile(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= last_iter]
+    keep = []
+    with open(path, errors='replace') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn while being written
+            if isinstance(record, dict) and record.get('iter', 0) <= last_iter:
+                keep.append(line if line.endswith('\n') else line + '\n')
     with open(path + '.tmp', 'w') as f:
         f.writelines(keep)
     os.replace(path + '.tmp', path)
@@ -466,7 +565,7 @@ def train(cfg, task=None):
     resume = cfg.init_from == 'resume' or getattr(cfg, 'resume', False)
     # finetune_lora.py keeps its training state beside the merged model it writes as ckpt.pt
     state_path = os.path.join(cfg.out_dir, getattr(cfg, 'state_file', 'ckpt.pt'))
-    ckpt = load_checkpoint(state_path) if resume else None
+    ckpt = load_checkpoint(state_path, trust=cfg.trust_checkpoint) if resume else None
     run = (task or lm_task)(cfg, ckpt, device, master)
     model, model_args, meta, batch = run.model.to(device), run.model_args, run.meta, run.batch
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -518,8 +617,9 @@ def train(cfg, task=None):
             'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta, **getattr(run, 'checkpoint_extra', {}),
-            # batches and dropout are reseeded from (seed, iteration), so these are only for completeness
-            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()},
+            # batches and dropout are reseeded from (seed, iteration), so this is only for completeness (a tensor:
+            # numpy's RNG state would need pickle to load)
+            'rng': {'torch': torch.get_rng_state()},
         }, path)
 
     def step(it):
@@ -661,7 +761,9 @@ def guarded_step(step, it, cfg):
 
 
 def main(argv):
-    train(parse_config(TrainConfig, argv))
+    cfg = parse_config(TrainConfig, argv)
+    check_train_config(cfg)
+    train(cfg)
 
 
 if __name__ == '__main__':

@@ -82,8 +82,8 @@ def test_resume_is_exact(base, instruct, tmp_path):
     finetune_lora.main(args(base, instruct, a, max_iters=10, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10))
     finetune_lora.main(args(base, instruct, b, max_iters=5, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10))
     finetune_lora.main(args(base, instruct, b, max_iters=10, eval_interval=5, lora_dropout=0.1, lr_decay_iters=10, resume=True))
-    sa = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)['model']
-    sb = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=False)['model']
+    sa = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=True)['model']
+    sb = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=True)['model']
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -130,10 +130,10 @@ def test_bf16_run_keeps_the_frozen_base_in_bf16_and_merges_in_fp32(base, instruc
     out = str(tmp_path / 'bf16')
     finetune_lora.main(args(base, instruct, out, dtype='bfloat16', max_iters=40, eval_interval=20))
     assert losses(out)[-1] < 0.85 * losses(out)[0]
-    state = torch.load(os.path.join(out, 'train_state.pt'), weights_only=False)['model']
+    state = torch.load(os.path.join(out, 'train_state.pt'), weights_only=True)['model']
     assert state['transformer.wte.weight'].dtype == torch.bfloat16  # frozen: no fp32 master copy
     assert state['transformer.h.0.attn.qkv.lora_A'].dtype == torch.float32
-    merged = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
+    merged = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
     assert merged['transformer.h.0.attn.qkv.weight'].dtype == torch.float32
 
 
@@ -211,8 +211,8 @@ def test_adapter_merges_from_the_command_line_and_refuses_another_base(base, ins
     adapter = os.path.join(out, 'adapter.pt')
     # the adapter's own settings are used: a different --lora_r on the command line does not matter
     finetune_lora.main(args(base, instruct, merged, max_iters=0, adapter=adapter, lora_r=2))
-    want = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
-    got = torch.load(os.path.join(merged, 'ckpt.pt'), weights_only=False)['model']
+    want = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    got = torch.load(os.path.join(merged, 'ckpt.pt'), weights_only=True)['model']
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     other = str(tmp_path / 'other')  # same shape, other weights
     torch.manual_seed(1)

@@ -61,7 +61,7 @@ def test_quantized_models_run_and_reload_identically(tmp_path, model_type, schem
     assert ((out - ref).norm() / ref.norm()) < tol
     path = str(tmp_path / 'q.pt')
     Q.save_quantized(model, path, plan)
-    again = Q.load_quantized(torch.load(path, weights_only=False))
+    again = Q.load_quantized(torch.load(path, weights_only=True))
     assert torch.equal(again(x)[0], out)
     # real packed tensors on disk: int8 about 1 byte a weight, 4-bit well under one
     assert os.path.getsize(path) < fp32_bytes * {'int8': 0.3, 'int4': 0.2, 'nf4': 0.2, 'dynamic': 0.3}[scheme]
@@ -118,7 +118,7 @@ def test_pruned_checkpoint_is_smaller_and_reloads_identically(tmp_path):
     names = list(Q.prune(model, 0.75))
     path = str(tmp_path / 'p.pt')
     Q.save_quantized(model, path, {'scheme': None, 'pruned': names})
-    again = Q.load_quantized(torch.load(path, weights_only=False))
+    again = Q.load_quantized(torch.load(path, weights_only=True))
     x = torch.randint(0, 96, (2, 16))
     assert torch.equal(again(x)[0], model(x)[0])
     assert os.path.getsize(path) < 0.6 * Q.file_bytes(tiny('gpt'))

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import time
 import shutil
 
 import numpy as np
@@ -163,6 +164,39 @@ def test_formats_offsets_and_unreadable_files(tmp_path, capsys):
     assert all(text[c['start']:c['end']] == c['text'] for c in long)  # offsets point into the source
     assert long[0]['text'].split()[-20:] == long[1]['text'].split()[:20]  # 20 tokens of overlap
     assert long[-1]['text'].endswith('w499') and len(long) == 6
+
+
+def test_links_that_leave_the_folder_or_loop_are_not_followed(tmp_path):
+    docs, outside = tmp_path / 'docs', tmp_path / 'outside'
+    (docs / 'sub').mkdir(parents=True)
+    outside.mkdir()
+    (docs / 'a.txt').write_text('platypus eggs')
+    (docs / 'sub' / 'b.md').write_text('echidna spines')
+    (outside / 'secret.txt').write_text('the password is hunter2')
+    os.symlink('.', docs / 'loop1')
+    os.symlink('.', docs / 'sub' / 'loop2')
+    os.symlink('..', docs / 'sub' / 'up')
+    os.symlink(outside / 'secret.txt', docs / 'secret.txt')
+    os.symlink(outside, docs / 'elsewhere')
+    os.symlink('a.txt', docs / 'again.txt')  # a second name for a file already indexed
+    os.symlink('../a.txt', docs / 'sub' / 'inside.txt')
+    for spec in (str(docs), str(docs / '**' / '*.txt'), str(docs) + '/*'):
+        files = rag.list_files(spec)
+        assert sorted(os.path.relpath(f, docs) for f in files) == \
+            (['a.txt', 'sub/b.md'] if spec == str(docs) else ['a.txt']), spec
+    index = str(tmp_path / 'i')
+    rag.main(['index', f'--docs={docs}', f'--index={index}'])
+    assert {c['source'] for c in rag.Index.load(index).chunks} == {'a.txt', 'sub/b.md'}
+
+
+def test_html_is_stripped_in_linear_time():
+    # hostile pages that made the old regular expressions (and Python 3.11's html.parser) quadratic
+    for page in ('<script>' * 40_000, '<!--' * 80_000, '<style>x' * 40_000, '</' * 160_000, '<a ' * 100_000,
+                 '<' * 320_000, '<a>' * 100_000):
+        t = time.perf_counter()
+        rag.strip_html(page)
+        assert time.perf_counter() - t < 10, page[:10]  # ~0.05 s; quadratic took 40 s and more
+    assert rag.strip_html('a<b>b</b>&amp;<script>"<p>x</p>"</script>c<!-- d -->e < f') == 'a b & c e < f'
 
 
 @pytest.fixture(scope='module')

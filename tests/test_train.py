@@ -109,7 +109,7 @@ def test_loss_falls_on_real_text(char_data, tmp_path):
     assert records(tmp_path, 'val_loss')[-1][1] < 2.7
     with open(tmp_path / 'config.json') as f:
         assert json.load(f)['max_iters'] == 200
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 200 and ckpt['meta']['vocab_size'] == 65
 
 
@@ -174,7 +174,7 @@ def test_out_of_memory_suggests_gradient_accumulation(char_data, tmp_path, monke
 
 def test_float16_uses_a_grad_scaler_and_learns(char_data, tmp_path):
     train.main(tiny_args(char_data, tmp_path, dtype='float16', max_iters=10, eval_interval=10))
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['scaler']['scale'] > 0 and ckpt['config']['dtype'] == 'float16'
     losses = [v for _, v in records(tmp_path, 'loss')]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
