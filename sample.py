@@ -205,23 +205,30 @@ def stream_text(steps, tok, stop=(), row=0):
     bytes of a character split over tokens wait for the rest, and text that may start a stop string waits
     until it does not; generation's text ends before the stop string."""
     eos = set([tok.eos_id] if isinstance(tok.eos_id, int) else tok.eos_id or [])
-    ids, shown, text = [], 0, ''
+    # Linear time: only the ids since the text was last all shown (nothing held back) are decoded again. A stop
+    # string cannot start before that point, or its first characters would have been held back. The window is
+    # decoded with one token before it, whose own text is cut off, so SentencePiece's leading spaces come out
+    # right.
+    ids, base, shown, text = [], 0, 0, ''  # text: of ids[base:]; shown: how much of it was yielded
     for step in steps:
         t = step[row]
         if t is None or t in eos:
             break
         ids.append(t)
-        text = tok.decode(ids)
+        text = tok.decode(ids[base - 1:])[len(tok.decode(ids[base - 1:base])):] if base else tok.decode(ids)
         hits = [text.find(s) for s in stop if s in text]
         if hits:
             yield text[shown:min(hits)]
             return
-        end = len(text) - text.endswith('\ufffd')  # an incomplete UTF-8 character shows as U+FFFD
-        for s in stop:  # hold back a tail that could grow into a stop string
-            end = min(end, next((len(text) - k for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), end))
+        ready = text[:len(text) - text.endswith('\ufffd')]  # an incomplete UTF-8 character shows as U+FFFD
+        end = len(ready)
+        for s in stop:  # hold back a tail that could grow into a stop string (also across a pending character)
+            end = min(end, next((len(ready) - k for k in range(len(s) - 1, 0, -1) if ready.endswith(s[:k])), end))
         if end > shown:
             yield text[shown:end]
             shown = end
+        if shown == len(text):  # all shown: the next window starts here
+            base, shown, text = len(ids), 0, ''
     if len(text) > shown:
         yield text[shown:]
 

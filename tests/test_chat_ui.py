@@ -185,7 +185,7 @@ def test_a_client_that_disconnects_frees_its_slot(tiny_gpt2):
         before = call(s, '/health')[1]['tokens_decoded']
         body = json.dumps({'prompt': 'Tell me a story', 'max_tokens': 100, 'stream': True}).encode()
         sock = socket.create_connection(('127.0.0.1', s.server_port))
-        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
                      b'Content-Length: ' + str(len(body)).encode() + b'\r\n\r\n' + body)
         got = b''
         while b'data: ' not in got:  # the headers, then the first chunk

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import chat_ui
 import finetune_lora
 import prepare
 import quantize
@@ -95,6 +96,10 @@ def test_finetune_ranges_and_bad_regex(tmp_path, capsys, monkeypatch):
     assert 'lora_r must be > 0' in cli(finetune_lora, base + ['--lora_r=0'], capsys, monkeypatch)
     assert 'not attn, mlp, all or a valid regex' in cli(finetune_lora, base + ['--lora_targets=attn(['],
                                                         capsys, monkeypatch)
+
+
+def test_serve_refuses_a_port_out_of_range(capsys, monkeypatch):
+    assert 'port must be in 0..65535' in cli(chat_ui, ['--init_from=gpt2', '--port=99999'], capsys, monkeypatch)
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(char_data, tmp_path):

@@ -109,6 +109,38 @@ def fake_tok(eos=None):
     return SimpleNamespace(decode=lambda ids: ''.join(table.get(i, '\ufffd') for i in ids), eos_id=eos)
 
 
+def test_stream_text_is_exact_and_linear_on_real_tokens(monkeypatch):
+    # random GPT-2 ids (many end inside a UTF-8 character) and the SmolLM2-style SentencePiece case of leading
+    # spaces: the pieces join to the whole text cut before the first stop string, and each id is decoded a
+    # bounded number of times (it was decoded again at every step: quadratic)
+    import random
+    import tiktoken
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', shared_file('tiktoken_cache'))
+    enc = tiktoken.get_encoding('gpt2')
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return enc.decode(ids, errors='replace')
+    tok = SimpleNamespace(decode=decode, eos_id=None)
+    rng = random.Random(0)
+    text_ids = enc.encode('Stop here. ' * 3 + 'naïve café — 東京 🙂 ' * 20)
+    for trial in range(30):
+        ids = [rng.randrange(enc.n_vocab) for _ in range(rng.randrange(1, 300))] if trial % 2 else text_ids
+        stop = rng.choice([[], ['\n\n'], ['東京 🙂 naïve'], ['Stop here. Stop', 'é —']])
+        decoded.clear()
+        got = ''.join(sample.stream_text(([t] for t in ids), tok, stop))
+        full = enc.decode(ids, errors='replace')
+        want = full[:min([full.find(s) for s in stop if s in full], default=len(full))]
+        assert got == want, (trial, stop)
+        assert sum(decoded) <= 8 * len(ids) + 64, (sum(decoded), len(ids))
+    sp = {1: 'Hello', 2: ' world', 3: ',', 4: ' again'}  # decode() drops the text's first leading space
+    sp_tok = SimpleNamespace(decode=lambda ids: ''.join(sp[i] for i in ids).removeprefix(' '), eos_id=None)
+    ids = [2, 1, 2, 3, 4, 2, 2]
+    assert ''.join(sample.stream_text(([t] for t in ids), sp_tok)) == sp_tok.decode(ids) == \
+        'worldHello world, again world world'
+
+
 def test_stream_text_holds_back_stop_prefixes_and_cuts_at_stop():
     tok = fake_tok(eos=9)
     steps = [[t] for t in (1, 3, 2, 3, 3, 4)]
