@@ -34,6 +34,7 @@ import difflib
 import functools
 import heapq
 import json
+import math
 import os
 import sys
 import time
@@ -78,8 +79,8 @@ def chunker(pattern):
     pattern = PATTERNS.get(pattern, pattern)
     try:
         rx = regex.compile(pattern)
-    except regex.error as e:
-        raise BPEError(f"split pattern {pattern!r} is not a valid regex ({e})") from None
+    except (regex.error, RecursionError) as e:  # RecursionError: groups nested thousands deep
+        raise BPEError(f"split pattern {pattern!r:.80} is not a valid regex ({e or 'nested too deeply'})") from None
     if rx.groups:  # findall would return the groups, not the whole matches
         return lambda text: [m.group() for m in rx.finditer(text)]
     return rx.findall
@@ -354,6 +355,8 @@ class Tokenizer:
         self.vocab_size = max(self.vocab, default=-1) + 1
         self.eot_token = self.special_tokens.get(ENDOFTEXT)
         self.merges, self.ignore_merges, self.normalizer = merges, ignore_merges, normalizer
+        check_ids(self)
+        check_merges(self, self.ranks)
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
         self.add_bos_token = add_bos_token  # whether the model expects bos_token first (encode never adds it)
         self.bos_token_id, self.eos_token_id = self.token_id(bos_token), self.token_id(eos_token)  # None: none known
@@ -491,7 +494,7 @@ class Tokenizer:
         if kind not in KINDS:
             raise BPEError(f"{where} holds a tokenizer of kind {kind!r}, which this bpe.py does not know "
                            f"(known: {', '.join(KINDS)}); update bpe.py")
-        if missing := next((i for pair in merges for i in pair if i not in tokens), None):
+        if (missing := next((i for pair in merges for i in pair if i not in tokens), None)) is not None:
             raise BPEError(f"{where} is damaged: a merge names token {missing}, which it does not have")
         return KINDS[kind].from_parts(fields, specials, tokens, merges, where)
 
@@ -501,9 +504,11 @@ class Tokenizer:
         if 'pattern' not in fields:
             raise BPEError(f"{where} has no pattern line")
         vocab = {i: t.encode('utf-8') if isinstance(t, str) else bytes(t) for i, (t, _) in tokens.items()}
+        if len(ranks := {t: i for i, t in vocab.items()}) < len(vocab):
+            raise BPEError(f"{where} is damaged: two ids have the same token")
         merges = {(vocab[a], vocab[b]): n for n, (a, b) in enumerate(merges)}
-        return cls({t: i for i, t in vocab.items()}, fields['pattern'], specials, fields.get('name', 'bpe'),
-                   merges or None, **{key: fields[key] for key in cls.SETTINGS if key in fields})
+        return built(where, cls, ranks, fields['pattern'], specials, fields.get('name', 'bpe'), merges or None,
+                     **{key: fields[key] for key in cls.SETTINGS if key in fields})
 
     def to_tiktoken(self):
         """A tiktoken.Encoding with identical ids (built once, then reused). It merges by id, so from a tokenizer.json
@@ -530,15 +535,17 @@ class Tokenizer:
         The ids of the `tokenizers` library's encode(text, add_special_tokens=False), its added tokens (special
         or not) our special tokens. tokenizer_config.json beside it names bos and eos and has the chat_template.
         Other tokenizers raise a BPEError that says why."""
-        settings = hf_settings(os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else os.fspath(path))
-        return KINDS[settings.pop('kind')](**settings)
+        file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else os.fspath(path)
+        settings = built(file, hf_settings, file)
+        return built(file, KINDS[settings.pop('kind')], **settings)
 
     @classmethod
-    def from_gguf(cls, meta):
+    def from_gguf(cls, meta, where='the GGUF metadata'):
         """A Tokenizer (tokenizer.ggml.model 'gpt2') or SentencePieceBPE ('llama') from a GGUF file's metadata
-        {key: value}, as llama.cpp reads its tokenizer.ggml.* keys, with tokenizer.chat_template."""
-        settings = gguf_settings(meta)
-        return KINDS[settings.pop('kind')](**settings)
+        {key: value}, as llama.cpp reads its tokenizer.ggml.* keys, with tokenizer.chat_template; where (the
+        file's path, say) names it in error messages."""
+        settings = built(where, gguf_settings, meta)
+        return built(where, KINDS[settings.pop('kind')], **settings)
 
     @classmethod
     def from_tiktoken(cls, name_or_encoding):
@@ -556,6 +563,30 @@ class Tokenizer:
                                f"to a folder of its files") from None
         # tiktoken has no public accessor for these; the attribute names have been stable since its release
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
+
+
+def built(where, make, *args, **kwargs):
+    """make(*args, **kwargs), with its BPEError said of where the input comes from, unless it names it already."""
+    try:
+        return make(*args, **kwargs)
+    except BPEError as e:
+        raise BPEError(str(e) if where in str(e) else f"{where}: {e}") from None
+
+
+def check_ids(tok):
+    """BPEError unless tok's ids run from 0 to below MAX_ID with few gaps: a model sized by a stray huge id would
+    allocate an embedding of that many rows."""
+    if tok.vocab and not (min(tok.vocab) >= 0 and tok.vocab_size <= min(MAX_ID, 2 * len(tok.vocab) + 1024)):
+        raise BPEError(f"tokenizer {tok.name!r} has ids {min(tok.vocab)}..{tok.vocab_size - 1} for "
+                       f"{len(tok.vocab)} tokens: ids run from 0 with few gaps, below 2**31")
+
+
+def check_merges(tok, vocab):
+    """BPEError unless each of tok's merges joins two tokens of vocab into a third, as the tokenizers library
+    demands: encode looks up what a merge makes, and dumps writes a merge as its tokens' ids."""
+    if bad := next((p for p in tok.merges or () if not (p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab)),
+                   None):
+        raise BPEError(f"tokenizer {tok.name!r} has a merge {bad!r:.60} whose tokens are not all in its vocabulary")
 
 
 def tiktoken_class(tok):
@@ -580,7 +611,8 @@ def tiktoken_class(tok):
 
 def read_model_file(text, where):
     """A model file's ({key: value}, special tokens {text: id}, tokens {id: (JSON value, score or None)},
-    merges [(left id, right id)]); lines: 'key JSON', 'special id JSON', 'id JSON [score]', 'merge id id'."""
+    merges [(left id, right id)]); lines: 'key JSON', 'special id JSON', 'id JSON [score]', 'merge id id'. Each
+    line's types and ranges are checked here, so that a damaged file is refused naming its line."""
     fields, specials, tokens, merges = {}, {}, {}, []
     lines = text.split('\n')
     if lines[0] != FILE_HEADER:
@@ -590,22 +622,81 @@ def read_model_file(text, where):
         if not line and n == len(lines):  # the final newline
             break
         key, _, value = line.partition(' ')
-        try:
+        try:  # (a BPEError raised here says what is wrong; any other ValueError is a line not in dumps' form)
             if key.isdigit():
                 token, end = read_json_value(value)
-                score = value[end:].strip()
-                tokens[int(key)] = token, float(score) if score else None
+                if not (isinstance(token, str) or isinstance(token, list) and all(map(is_byte, token))):
+                    raise BPEError('a token is a JSON string or a list of byte values')
+                score = float(value[end:]) if value[end:].strip() else None
+                if score is not None and not math.isfinite(score):
+                    raise BPEError(f'the score {score} is not a finite number')
+                if (i := token_id_of(key)) in tokens:
+                    raise BPEError(f'id {i} has a line already')
+                tokens[i] = valid_json(token), score
             elif key == 'merge':
                 a, b = value.split(' ')
-                merges.append((int(a), int(b)))
+                merges.append((token_id_of(a), token_id_of(b)))
             elif key == 'special':
                 i, _, name = value.partition(' ')
-                specials[json.loads(name)] = int(i)
+                if not isinstance(name := valid_json(json.loads(name)), str) or not name:
+                    raise BPEError('a special token is a non-empty JSON string')
+                if name in specials:
+                    raise BPEError(f'special token {name[:40]!r} has a line already')
+                specials[name] = token_id_of(i)
             else:
-                fields[key] = json.loads(value)
-        except (ValueError, TypeError):
-            raise BPEError(f"{where}:{n} is damaged: {line[:80]!r}") from None
+                if not key.isidentifier():  # (a setting this bpe.py does not know is skipped, but has a name)
+                    raise BPEError(f'{key[:20]!r} is no id, setting, special or merge')
+                if key in fields:
+                    raise BPEError(f'{key} has a line already')
+                fields[key] = valid_json(json.loads(value))
+                check_setting(key, fields[key])
+        except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deeply to read
+            why = f" ({e})" if isinstance(e, BPEError) else ''
+            raise BPEError(f"{where}:{n} is damaged{why}: {line[:80]!r}") from None
     return fields, specials, tokens, merges
+
+
+MAX_ID = 2 ** 31  # ids are int32 to tiktoken, llama.cpp and the models' embeddings
+
+
+def token_id_of(text):
+    """The id a model file spells as text: decimal digits only (int() would take ' 7', '٧' and '1_0'), < MAX_ID."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < MAX_ID):
+        raise BPEError(f"{text[:20]!r} is not an id (0 to 2**31 - 1)")
+    return int(text)
+
+
+def is_byte(value):
+    return type(value) is int and 0 <= value < 256  # type: JSON's true is no byte
+
+
+def valid_json(value):
+    """value, if its text (a str, or each str a list holds) is UTF-8 text; a lone surrogate ("\\ud800") is not."""
+    for s in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+        if isinstance(s, str):
+            s.encode('utf-8')  # a UnicodeEncodeError is a ValueError: the line is damaged
+    return value
+
+
+def check_setting(key, value):
+    """BPEError unless value is of the type the model file's setting key has (a key this bpe.py does not know
+    passes: newer files may have settings it can ignore); the pattern must be a regex."""
+    defaults = {**OPTIONAL, **SentencePieceBPE.SETTINGS}
+    if key in ('name', 'kind', 'pattern') and not isinstance(value, str):
+        raise BPEError(f'{key} is not a JSON string')
+    if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+        raise BPEError(f'{key} is not true or false')
+    if key in defaults and not isinstance(defaults[key], bool) and not (value is None or isinstance(value, str)):
+        raise BPEError(f'{key} is not a JSON string or null')
+    if key == 'normalizer' and value not in NORMALIZERS:
+        raise BPEError(f"normalizer {value!r} is not one of {', '.join(map(str, NORMALIZERS))}")
+    if key == 'prepend_scheme' and value not in PREPEND_SCHEMES:
+        raise BPEError(f"prepend_scheme {value!r} is not one of {', '.join(PREPEND_SCHEMES)}")
+    if key == 'pattern':
+        chunker(value)
+
+
+NORMALIZERS = (None, 'NFC', 'NFD', 'NFKC', 'NFKD')  # those unicodedata does exactly as Hugging Face's
 
 # ----------------------------------------------------------------------------------------------------------
 # SentencePiece-style BPE (Llama 2, TinyLlama, Mistral): characters, not bytes, with '▁' for a space
@@ -680,6 +771,8 @@ class SentencePieceBPE(Tokenizer):
             raise BPEError(f"tokenizer {name!r} gives two tokens the same id")
         self.vocab_size = max(self.vocab, default=-1) + 1
         self.merges, self.scores = merges, None if merges is not None else dict(scores or {})
+        check_ids(self)
+        check_merges(self, self.pieces)
         self.byte_pieces = {piece_bytes(p)[0]: p for p in self.pieces if BYTE_PIECE.fullmatch(p)}
         self.prepend_scheme, self.split, self.add_bos_token = prepend_scheme, split, add_bos_token
         self.unk_token, self.bos_token, self.eos_token = unk_token, bos_token, eos_token
@@ -754,9 +847,9 @@ class SentencePieceBPE(Tokenizer):
             raise BPEError(f"{where} is damaged: a SentencePiece token is not text")
         pieces = {i: t for i, (t, _) in tokens.items()}
         scores = {i: s for i, (_, s) in tokens.items() if s is not None}
-        return cls(pieces, specials, fields.get('name', 'sentencepiece'),
-                   {(pieces[a], pieces[b]): n for n, (a, b) in enumerate(merges)} if merges else None, scores,
-                   **{key: fields[key] for key in cls.SETTINGS if key in fields})
+        return built(where, cls, pieces, specials, fields.get('name', 'sentencepiece'),
+                     {(pieces[a], pieces[b]): n for n, (a, b) in enumerate(merges)} if merges else None, scores,
+                     **{key: fields[key] for key in cls.SETTINGS if key in fields})
 
     def to_tiktoken(self):
         raise BPEError(f"tokenizer {self.name!r} is SentencePiece-style BPE, which tiktoken cannot run (it merges "
@@ -809,6 +902,7 @@ GPT2_DIGITS_PATTERN = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}
 
 def unsupported(what, why=''):
     hint = next((f' ({h})' for key, h in HINTS.items() if key in what), '')
+    what = what if len(what) <= 200 else what[:200] + '...'  # (it may quote the file's JSON)
     return BPEError(f"tokenizer.json uses {what}{hint}{why}, which bpe.py does not support; byte-level BPE models "
                     f"(GPT-2, Llama 3, Qwen2, SmolLM) load, and SentencePiece-style BPE with byte_fallback "
                     f"(Llama 2, Mistral)")
@@ -855,11 +949,55 @@ def hf_pattern(spec):
 
 
 def read_json(path):
+    """The JSON object in the file at path: UTF-8 throughout, as the tokenizers library reads it (which refuses
+    a lone surrogate such as "\\ud800", and so does the encode() below)."""
     try:
         with open(path, encoding='utf-8') as f:
-            return json.load(f)
+            value = json.load(f)
+        json.dumps(value, ensure_ascii=False).encode('utf-8')
+    except RecursionError:
+        raise BPEError(f"{path} is not JSON bpe.py reads (it is nested too deeply)") from None
     except ValueError as e:
         raise BPEError(f"{path} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise BPEError(f"{path} is not a JSON object (it is a {type(value).__name__})")
+    return value
+
+
+def hf_check(hf, config, file, config_file):
+    """BPEError unless what bpe.py reads of a tokenizer.json (hf) and its tokenizer_config.json (config) has the
+    JSON types of the format and ids in range: the code after this indexes them without a second look."""
+    def need(ok, what, where=file):
+        if not ok:
+            raise BPEError(f"{where} is damaged: {what}")
+    is_id = lambda i: type(i) is int and 0 <= i < MAX_ID  # noqa: E731
+    objects = lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)  # noqa: E731
+    text = lambda v: v is None or isinstance(v, str)  # noqa: E731
+    get = lambda tree, key, default: default if tree.get(key) is None else tree[key]  # noqa: E731  (null: none)
+    need(isinstance(model := get(hf, 'model', {}), dict), 'its model is not a JSON object')
+    need(isinstance(kind := get(model, 'type', 'BPE'), str), 'its model type is not a string')
+    bpe_model = kind == 'BPE'  # (another model, which is refused as unsupported, has other fields)
+    need(not bpe_model or isinstance(vocab := get(model, 'vocab', {}), dict) and all(map(is_id, vocab.values())),
+         'its vocab is not {token: id} with ids 0 to 2**31 - 1')
+    need(not bpe_model or isinstance(merges := get(model, 'merges', []), list) and all(
+        isinstance(m, str) or isinstance(m, list) and all(isinstance(p, str) for p in m) for m in merges),
+        'its merges are not "left right" strings or [left, right] lists')
+    need(not bpe_model or text(model.get('unk_token')), 'its unk_token is not a string')
+    need(objects(added := get(hf, 'added_tokens', [])) and all(
+        isinstance(t.get('content'), str) and t['content'] and is_id(t.get('id')) for t in added),
+        'its added_tokens are not objects {"content": non-empty text, "id": 0 to 2**31 - 1}')
+    for key, inner in (('pre_tokenizer', 'pretokenizers'), ('normalizer', 'normalizers'), ('decoder', 'decoders')):
+        part = get(hf, key, {})
+        parts = part.get(inner, [part]) if isinstance(part, dict) else None
+        need(objects(parts) and all(text(p.get('type')) and isinstance(pattern := p.get('pattern', {}), dict)
+                                    and all(isinstance(v, str) for v in pattern.values())
+                                    and (p.get('type') != 'Split' or {'Regex', 'String'} & pattern.keys())
+                                    for p in parts), f'its {key} is not of the form the tokenizers library writes')
+    name = lambda t: t.get('content') if isinstance(t, dict) else t  # noqa: E731  (as hf_config reads them)
+    template = config.get('chat_template')
+    need(text(name(config.get('bos_token'))) and text(name(config.get('eos_token'))) and (
+        text(template) or objects(template) and all(text(t.get('name')) and text(t.get('template')) for t in template)),
+        'its bos_token, eos_token or chat_template is not text', config_file)
 
 
 def hf_settings(file):
@@ -868,12 +1006,13 @@ def hf_settings(file):
     if not os.path.isfile(file):
         raise BPEError(f"{file} not found (from_hf takes a tokenizer.json file or the folder that holds it)")
     hf, folder = read_json(file), os.path.dirname(file)
-    model, config = hf.get('model') or {}, os.path.join(folder, 'tokenizer_config.json')
-    config = read_json(config) if os.path.isfile(config) else {}
+    model, config_file = hf.get('model') or {}, os.path.join(folder, 'tokenizer_config.json')
+    config = read_json(config_file) if os.path.isfile(config_file) else {}
+    hf_check(hf, config, file, config_file)
     if model.get('type', 'BPE') != 'BPE':
         raise unsupported(f"the {model['type']} model")
     if bad := [k for k in ('continuing_subword_prefix', 'end_of_word_suffix', 'dropout') if model.get(k)]:
-        raise unsupported(f"{bad[0]}={model[bad[0]]!r}")
+        raise unsupported(f"{bad[0]}={model[bad[0]]!r:.40}")
     added = hf.get('added_tokens') or []
     if strip := [t['content'] for t in added if t.get('lstrip') or t.get('rstrip') or t.get('single_word')]:
         raise unsupported(f"the added token {strip[0]!r} with lstrip, rstrip or single_word")
@@ -904,6 +1043,8 @@ def hf_merges(model, file):
     pairs = [m.split(' ') if isinstance(m, str) else m for m in model.get('merges') or []]
     if any(len(pair) != 2 for pair in pairs):
         raise BPEError(f"{file} has a merge that is not two tokens")
+    if not pairs:  # (a model file could not tell this from a tokenizer merged by ranks or scores)
+        raise BPEError(f"{file} has no merges, which BPE merges by")
     return pairs
 
 
@@ -922,7 +1063,7 @@ def hf_sentencepiece(hf, added, file, settings):
     """SentencePieceBPE's arguments from a tokenizer.json of the shape Llama 2's has: BPE with byte_fallback, spaces
     made '▁' by a Metaspace pre-tokenizer or by the older normalizers Prepend('▁') + Replace(' ', '▁'), and a
     decoder of Replace, ByteFallback, Fuse and Strip (or Metaspace)."""
-    model, pre = hf['model'], hf.get('pre_tokenizer') or {}
+    model, pre = hf.get('model') or {}, hf.get('pre_tokenizer') or {}
     normalizer = hf.get('normalizer') or {}
     normalizers = [n for n in normalizer.get('normalizers', [normalizer]) if n]
     if pre and (pre.get('type') != 'Metaspace' or pre.get('replacement', SPACE) != SPACE):
@@ -937,7 +1078,7 @@ def hf_sentencepiece(hf, added, file, settings):
     kinds = {n['type'] for n in normalizers}
     if pre:  # older files say add_prefix_space instead of prepend_scheme, and always split
         scheme = pre.get('prepend_scheme') or ('always' if pre.get('add_prefix_space', True) else 'never')
-        split = pre.get('split', True)
+        split = bool(pre.get('split', True))
     elif 'Replace' in kinds:
         scheme, split = 'legacy' if 'Prepend' in kinds else 'never', False
     else:
@@ -986,15 +1127,32 @@ def pre_name(pattern):
                    f"trained with pattern 'gpt4' or 'gpt2' can be written to GGUF")
 
 
+def gguf_check(meta):
+    """BPEError unless the tokenizer keys of GGUF metadata have the types llama.cpp gives them (a damaged or
+    hand-made file may hold any GGUF value under any key)."""
+    def need(key, ok, kind):
+        if not (meta.get(key) is None or ok(meta[key])):
+            raise BPEError(f"the GGUF metadata is damaged: {key} is not {kind}")
+    listed = lambda ok: lambda v: isinstance(v, list) and all(map(ok, v))  # noqa: E731
+    need('tokenizer.ggml.tokens', listed(lambda t: isinstance(t, str)), 'a list of strings')
+    need('tokenizer.ggml.merges', listed(lambda t: isinstance(t, str)), 'a list of strings')
+    need('tokenizer.ggml.token_type', listed(lambda k: type(k) is int), 'a list of integers')
+    need('tokenizer.ggml.scores', listed(lambda s: type(s) in (int, float) and math.isfinite(s)),
+         'a list of finite numbers')
+    for key in ('tokenizer.ggml.pre', 'tokenizer.chat_template', 'general.basename', 'general.name'):
+        need(key, lambda v: isinstance(v, str), 'a string')
+
+
 def gguf_settings(meta):
     """The class's arguments (kind: a key of KINDS) from GGUF metadata {key: value}."""
     model, tokens = meta.get('tokenizer.ggml.model'), meta.get('tokenizer.ggml.tokens')
     if model not in ('gpt2', 'llama'):
-        raise BPEError(f"tokenizer.ggml.model {model!r} is not one bpe.py reads ('gpt2': byte-level BPE, 'llama': "
+        raise BPEError(f"tokenizer.ggml.model {model!r:.40} is not one bpe.py reads ('gpt2': byte-level BPE, 'llama': "
                        f"SentencePiece-style BPE)" if model else "the GGUF metadata has no tokenizer.ggml.model: "
                        f"the file carries no tokenizer")
     if not tokens:
         raise BPEError("the GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary to encode with")
+    gguf_check(meta)
     types = meta.get('tokenizer.ggml.token_type') or [1] * len(tokens)
     scores = meta.get('tokenizer.ggml.scores') or [0.0] * len(tokens)
     if not len(types) == len(scores) == len(tokens):
@@ -1016,7 +1174,7 @@ def gguf_settings(meta):
                     **common)
     pre = meta.get('tokenizer.ggml.pre') or 'default'
     if pre not in GGUF_PRE_PATTERNS:
-        raise BPEError(f"tokenizer.ggml.pre {pre!r} names a split regex bpe.py does not know (it knows "
+        raise BPEError(f"tokenizer.ggml.pre {pre!r:.40} names a split regex bpe.py does not know (it knows "
                        f"{', '.join(GGUF_PRE_PATTERNS)})")
     if not (merges := meta.get('tokenizer.ggml.merges')):
         raise BPEError("the GGUF metadata has no tokenizer.ggml.merges, which byte-level BPE (model gpt2) needs")
@@ -1124,20 +1282,41 @@ def parse_args(argv):
     return opts
 
 
+def check_out(path, option):
+    """BPEError unless a file can be made at path (--option's value): checked before training, which takes a while,
+    so that a typo in the path does not throw the trained tokenizer away."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BPEError(f"--{option}={path} is a folder; give a file name, e.g. --{option}="
+                       f"{os.path.join(path, 'tok.model' if option == 'out' else 'tok.tiktoken')}")
+    if not os.path.isdir(folder):
+        what = 'is a file, not a folder' if os.path.exists(folder) else 'does not exist: create it first'
+        raise BPEError(f"--{option}={path} cannot be written: {folder} {what}")
+
+
+def write(path, save, note=''):
+    try:
+        save(path)
+    except OSError as e:  # e.g. no permission, or the disk is full
+        raise BPEError(f"cannot write {path}: {e.strerror or e}") from None
+    print(f"wrote {path}{note}")
+
+
 def main(argv):
     opts = parse_args(argv)
     if 'input' in opts:
         if 'vocab_size' not in opts:
             raise BPEError("training needs --vocab_size, e.g. --vocab_size=32000")
         out = opts.get('out', 'tok.model')
+        check_out(out, 'out')
+        if 'tiktoken_out' in opts:
+            check_out(opts['tiktoken_out'], 'tiktoken_out')
         specials = [t for t in opts.get('special_tokens', ENDOFTEXT).split(',') if t]
         tok = train(opts['input'].split(','), opts['vocab_size'], opts.get('pattern', 'gpt4'), specials,
                     opts.get('min_frequency', 1), name=os.path.splitext(os.path.basename(out))[0])
-        tok.save(out)
-        print(f"wrote {out} ({tok.vocab_size:,} tokens)")
+        write(out, tok.save, f" ({tok.vocab_size:,} tokens)")
         if 'tiktoken_out' in opts:
-            tok.save_tiktoken(opts['tiktoken_out'])
-            print(f"wrote {opts['tiktoken_out']}")
+            write(opts['tiktoken_out'], tok.save_tiktoken)
     elif 'model' in opts:
         model = opts['model']  # a file, or the name of a tiktoken encoding (names have no dots or slashes)
         is_file = os.path.exists(model) or not model.isidentifier()

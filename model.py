@@ -727,7 +727,7 @@ GPT.generate_stream = LLaMA.generate_stream = generate_stream
 
 # ---- Hugging Face checkpoints in and out
 # (config.json + safetensors as on the Hub; stdlib here, requests and tqdm only imported inside the download)
-import contextlib, ctypes, functools, json, mmap, os, pathlib, re, struct  # noqa: E401,E402 (kept beside their users)
+import contextlib, ctypes, functools, json, mmap, os, pathlib, re, reprlib, struct  # noqa: E401,E402 (by their users)
 _ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
               'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
               'BOOL': torch.bool}
@@ -735,6 +735,68 @@ _ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 
 
 class PretrainedError(Exception):
     """A checkpoint that cannot be read, fetched or mapped onto our models; the message says what to do."""
+
+
+_ST_MAX_HEADER = 100 << 20  # the reference reader's limit: a longer header is damage, not something to read
+_INT64 = 2 ** 63  # torch sizes are int64: a shape whose nonzero dims multiply past it makes no tensor, even empty
+
+
+def _st_int(x):
+    return type(x) is int and 0 <= x < _INT64  # type, not isinstance: JSON's true is an int to Python
+
+
+def _shown(name):
+    """name as it can stand in a one-line message: escaped if it holds a newline or the like, and cut if long."""
+    return name if name.isprintable() and 0 < len(name) <= 100 else reprlib.repr(name)
+
+
+def _st_object(path):
+    """json's object_pairs_hook for a header: a name given twice is refused (json would keep one, hiding the other)."""
+    def hook(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise PretrainedError(f"{path}: corrupt safetensors header: the name {_shown(key)} appears twice")
+            out[key] = value
+        return out
+    return hook
+
+
+def _st_table(header, path, start, size):
+    """[(name, dtype, shape, begin, end)] of a parsed header, every entry checked against the format and the
+    file's size (the data begins at byte start), so that nothing is mapped before all of it holds."""
+    if not isinstance(header, dict):
+        raise PretrainedError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop('__metadata__', None)  # (null is what the reference reader reads as none)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise PretrainedError(f"{path}: corrupt safetensors header: __metadata__ is not an object of strings")
+    table = []
+    for name, info in header.items():
+        if not (isinstance(info, dict) and info.keys() == {'dtype', 'shape', 'data_offsets'}
+                and isinstance(info['dtype'], str) and info['dtype'] in _ST_DTYPES
+                and isinstance(shape := info['shape'], list) and all(map(_st_int, shape))
+                and isinstance(span := info['data_offsets'], list) and len(span) == 2 and all(map(_st_int, span))
+                and span[0] <= span[1]):
+            raise PretrainedError(f"{path}: tensor {_shown(name)} has an unknown dtype or a corrupt entry: "
+                                  f"{reprlib.repr(info)}")
+        dtype, (begin, end), numel = _ST_DTYPES[info['dtype']], span, 1
+        for d in filter(None, shape):  # stops at the first step past int64: a forged shape costs no bignum work
+            if (numel := numel * d) >= _INT64:
+                raise PretrainedError(f"{path}: tensor {_shown(name)} has an impossible shape {reprlib.repr(shape)}")
+        if 0 in shape:
+            numel = 0
+        if end - begin != numel * dtype.itemsize:
+            raise PretrainedError(f"{path}: tensor {_shown(name)} {info['dtype']}{reprlib.repr(shape)} needs "
+                                  f"{numel * dtype.itemsize} bytes but its data_offsets span {end - begin}")
+        if start + end > size:
+            raise PretrainedError(f"{path}: truncated: tensor {_shown(name)} ends at byte {start + end} of a "
+                                  f"{size}-byte file")
+        table.append((name, dtype, shape, begin, end))
+    spans = sorted((begin, end, name) for name, _, _, begin, end in table)
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise PretrainedError(f"{path}: corrupt safetensors header: tensors {_shown(a)} and {_shown(b)} overlap")
+    return table
 
 
 def load_safetensors(path):
@@ -745,27 +807,17 @@ def load_safetensors(path):
         n = struct.unpack('<Q', f.read(8).ljust(8, b'\0'))[0]  # a file under 8 bytes fails the check below
         if 8 + n > size:
             raise PretrainedError(f"{path}: truncated or not safetensors: a {n}-byte header in a {size}-byte file")
-        try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors; anything but an object has no .pop
-            header = json.loads(f.read(n))
-            header.pop('__metadata__', None)
-        except (ValueError, AttributeError):
-            raise PretrainedError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+        if n > _ST_MAX_HEADER:
+            raise PretrainedError(f"{path}: not safetensors: its header length says {n} bytes, over 100 MB")
+        try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors; deep nesting exhausts the parser's stack
+            header = json.loads(f.read(n).decode('utf-8'), object_pairs_hook=_st_object(path))
+        except (ValueError, RecursionError):
+            raise PretrainedError(f"{path}: corrupt safetensors header (not JSON)") from None
+        table = _st_table(header, path, 8 + n, size)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, so torch.frombuffer does not warn
-    out, start = {}, 8 + n
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = _ST_DTYPES[info['dtype']], info['shape'], info['data_offsets']
-        except (KeyError, TypeError, ValueError):
-            raise PretrainedError(f"{path}: tensor {name} has an unknown dtype or a corrupt entry: {info}") from None
-        numel = math.prod(shape)
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise PretrainedError(f"{path}: tensor {name} {info['dtype']}{shape} needs {numel * dtype.itemsize} "
-                                  f"bytes but its data_offsets span {end - begin}")
-        if start + end > size:
-            raise PretrainedError(f"{path}: truncated: tensor {name} ends at byte {start + end} of a {size}-byte file")
-        out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + begin).view(shape) if numel \
-            else torch.empty(shape, dtype=dtype)
-    return out
+    return {name: torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=8 + n + begin)
+            .view(shape) if end > begin else torch.empty(shape, dtype=dtype)
+            for name, dtype, shape, begin, end in table}
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -791,8 +843,20 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 def _shards(folder):
-    return sorted(set(json.loads(pathlib.Path(folder, 'model.safetensors.index.json').read_text())['weight_map']
-                      .values()))
+    """The shard files that model.safetensors.index.json names, each checked to be a path inside folder: with '..'
+    or an absolute path, a crafted index would have load and download reach files anywhere."""
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    try:
+        weight_map = json.loads(pathlib.Path(index).read_text(encoding='utf-8')).get('weight_map')
+    except (ValueError, RecursionError, AttributeError):  # AttributeError: JSON, but not an object
+        raise PretrainedError(f"{index}: corrupt (not a JSON object): download it again") from None
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise PretrainedError(f"{index}: corrupt: its weight_map is not an object {{tensor name: shard file}}")
+    shards = sorted(set(weight_map.values()))
+    for s in shards:  # (Hub shards are plain names; a subfolder is allowed, '\\' and ':' never: Windows reads them)
+        if any(c in s for c in '\\:\0') or any(part in ('', '.', '..') for part in s.split('/')):
+            raise PretrainedError(f"{index}: shard {_shown(s)} is not a file name inside the folder: refusing it")
+    return shards
 
 
 def load_pretrained_state(folder):
@@ -802,11 +866,27 @@ def load_pretrained_state(folder):
     if os.path.exists(path('model.safetensors')):
         return load_safetensors(path('model.safetensors'))
     if os.path.exists(path('model.safetensors.index.json')):
-        if missing := [s for s in _shards(folder) if not os.path.exists(path(s))]:
+        shards = _shards(folder)
+        if missing := [s for s in shards if not os.path.exists(path(s))]:
             raise PretrainedError(f"{folder}: shards that model.safetensors.index.json lists are missing: {missing}")
-        return {k: v for s in _shards(folder) for k, v in load_safetensors(path(s)).items()}
+        state = {}
+        for s in shards:
+            for k, v in load_safetensors(path(s)).items():
+                if k in state:  # one of the two would be dropped unseen
+                    raise PretrainedError(f"{path(s)}: tensor {_shown(k)} is in another shard too: the folder is "
+                                          f"damaged")
+                state[k] = v
+        return state
     if os.path.exists(path('pytorch_model.bin')):
-        return torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
+        try:
+            state = torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
+        except Exception as e:  # torch's refusal of pickled code, or a damaged file
+            why = 'it holds Python objects beyond tensors' if 'Weights only' in str(e) else type(e).__name__
+            raise PretrainedError(f"{path('pytorch_model.bin')}: not loadable weights-only ({why}): get the model "
+                                  f"as safetensors") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PretrainedError(f"{path('pytorch_model.bin')}: not a dict of tensors")
+        return state
     raise PretrainedError(f"{folder}: no weights: expected model.safetensors, model.safetensors.index.json or "
                           "pytorch_model.bin")
 

@@ -171,7 +171,7 @@ def load_model(init_from, device='cpu', dtype='float32', trust=False):
         try:
             g = read_gguf(init_from)
             model = model_from_gguf(g).to(device)
-            tok = bpe_tokenizer(bpe.Tokenizer.from_gguf(g.metadata))
+            tok = bpe_tokenizer(bpe.Tokenizer.from_gguf(g.metadata, where=init_from))
         except (GGUFError, PretrainedError, bpe.BPEError) as e:
             raise UserError(str(e)) from None
     else:

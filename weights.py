@@ -79,7 +79,7 @@ class GGUF:
         info = self.tensors[name]
         raw = np.frombuffer(self.data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         try:
-            x = dequantize(raw, info.type, info.shape, name)
+            x = dequantize(raw, info.type, info.shape, _shown(name))
         except GGUFError as e:
             raise GGUFError(f"{self.path}: {e}") from None
         return torch.from_numpy(x).to(dtype)
@@ -131,6 +131,12 @@ class _Cursor:
         return [self.value(item, what, depth + 1) for _ in range(n)]
 
 
+def _shown(name):
+    """A name from the file as it can stand in a one-line message: escaped where it holds a newline or the like,
+    and cut where long (a damaged length can make a key of the whole header)."""
+    return name if name.isprintable() and 0 < len(name) <= 80 else repr(name[:80]) + '...' * (len(name) > 80)
+
+
 def read_gguf(path):
     """The GGUF file at path: its metadata, its tensor table and the mapped data (read_gguf copies nothing)."""
     path = os.fspath(path)
@@ -159,46 +165,47 @@ def read_gguf(path):
     for i in range(n_kv):
         key = r.string(f'metadata key {i}')
         if key in metadata:
-            raise GGUFError(f"{path}: metadata key {key!r} appears twice: the file is damaged")
-        metadata[key] = r.value(r.scalar('I', f'the type of {key}'), f'metadata {key!r}')
+            raise GGUFError(f"{path}: metadata key {_shown(key)} appears twice: the file is damaged")
+        metadata[key] = r.value(r.scalar('I', f'the type of {_shown(key)}'), f'metadata {_shown(key)}')
     alignment = metadata.get('general.alignment', DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: general.alignment is {alignment!r}, not a power of two")
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):  # (type: true is an int too)
+        raise GGUFError(f"{path}: general.alignment is {alignment!r:.40}, not a power of two")
     infos = []
     for i in range(n_tensors):
         name = r.string(f'the name of tensor {i}')
-        n_dims = r.scalar('I', f'tensor {name}')
+        shown = _shown(name)
+        n_dims = r.scalar('I', f'tensor {shown}')
         if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
-        dims = [r.scalar('Q', f'tensor {name}') for _ in range(n_dims)]
-        kind, offset = r.scalar('I', f'tensor {name}'), r.scalar('Q', f'tensor {name}')
-        infos.append((name, dims, kind, offset))
+            raise GGUFError(f"{path}: tensor {shown} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
+        dims = [r.scalar('Q', f'tensor {shown}') for _ in range(n_dims)]
+        kind, offset = r.scalar('I', f'tensor {shown}'), r.scalar('Q', f'tensor {shown}')
+        infos.append((name, shown, dims, kind, offset))
     data_start = -(-r.pos // alignment) * alignment
     g, spans = GGUF(path, version, metadata, data=buf), []
-    for name, dims, kind, offset in infos:
+    for name, shown, dims, kind, offset in infos:
         if name in g.tensors:
-            raise GGUFError(f"{path}: two tensors are called {name}: the file is damaged")
+            raise GGUFError(f"{path}: two tensors are called {shown}: the file is damaged")
         if kind not in DEQUANTIZE_TYPES:
             known = kind in GGML_TYPES
-            raise GGUFError(f"{path}: tensor {name} is {type_name(kind)}, " + (
+            raise GGUFError(f"{path}: tensor {shown} is {type_name(kind)}, " + (
                 "a type this reader cannot dequantize: requantize the model with llama-quantize to Q8_0, Q4_K_M "
                 "or F16 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K load)" if known else
                 "not a ggml type: the file is damaged or from a newer llama.cpp"))
         tname, block, block_bytes = GGML_TYPES[kind]
         numel = math.prod(dims)
         if dims[0] % block:
-            raise GGUFError(f"{path}: tensor {name} {tname} has rows of {dims[0]}, not a multiple of its block "
+            raise GGUFError(f"{path}: tensor {shown} {tname} has rows of {dims[0]}, not a multiple of its block "
                             f"of {block}: the file is damaged")
         nbytes = numel // block * block_bytes
         if offset % alignment:
-            raise GGUFError(f"{path}: tensor {name} starts at offset {offset}, not a multiple of the alignment "
+            raise GGUFError(f"{path}: tensor {shown} starts at offset {offset}, not a multiple of the alignment "
                             f"{alignment}: the file is damaged")
         begin = data_start + offset
         if begin + nbytes > len(buf):
-            raise GGUFError(f"{path}: truncated: tensor {name} ({tname} {dims}) needs bytes {begin}..{begin + nbytes} "
+            raise GGUFError(f"{path}: truncated: tensor {shown} ({tname} {dims}) needs bytes {begin}..{begin + nbytes} "
                             f"of a {len(buf)}-byte file; download it again")
         g.tensors[name] = TensorInfo(name, kind, tuple(reversed(dims)), begin, nbytes)
-        spans.append((begin, begin + nbytes, name))
+        spans.append((begin, begin + nbytes, shown))
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
