@@ -46,7 +46,7 @@ token from a --prompt_len prompt of WikiText-2: the time to the first new token)
 at each batch size from --decode_prompt-token prompts (the time from the first new token to the last, so the
 prefill is left out), with the weight bytes read per second against the measured memory bandwidth. Perplexity
 on wiki.valid.tokens (its first --ppl_tokens tokens by the GGUF's tokenizer; 0 = all): ours through
-sample.eval_tokens, transformers through its own loop on the same windows (--ppl_context tokens, advancing by
+train.eval_tokens, transformers through its own loop on the same windows (--ppl_context tokens, advancing by
 --ppl_stride, each target scored once). Prints the CPU, its measured matmul peaks, markdown tables
 with ratios against transformers' fp32 and our bf16, and the issue's targets; --report=FILE writes the JSON.
 """
@@ -72,17 +72,43 @@ import numpy as np
 import torch
 
 import bpe
-from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params, save_pretrained
-from sample import pack_linears
+from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params, pack_linears
 from train import (MODEL_KEYS, TrainConfig, autocast, cpu_has_fast_bf16, get_batch, parse_config, resolve_device,
                    resolve_dtype, run_cli, train_step)
 
 
+# The model shapes the benches build (all but train, which takes train.py's own config, and gguf, which reads its
+# file), each stated once in ModelConfig's terms: kwargs for ModelConfig, so that what it derives (n_kv_head,
+# intermediate_size) follows a bench's overrides of the other fields.
+SHAPES = {
+    'gpt2-124m': dict(model_type='gpt', n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                      vocab_size=50257),  # GPT-2 small with its own (unpadded) vocabulary, as transformers has it
+}
+MODEL_FIELDS = set(asdict(ModelConfig()))
+
+
+def parse_bench(cls, argv, shape, **defaults):
+    """(cls config, ModelConfig, its overrides) for a bench: SHAPES[shape] with the bench's defaults and then every
+    --key=value of argv that names a field of ModelConfig over it; the rest of argv parses into cls."""
+    def is_model(arg):
+        return arg.startswith('--') and arg[2:].partition('=')[0] in MODEL_FIELDS
+    model_argv = [a for a in argv if is_model(a)]
+    try:
+        cfg = parse_config(cls, [a for a in argv if not is_model(a)])
+    except Exception as e:  # train.UserError: an unknown key may be a mistyped field of ModelConfig
+        if 'unknown config key' not in str(e):
+            raise
+        raise type(e)(f"{e}; or of ModelConfig: {', '.join(sorted(MODEL_FIELDS))}") from None
+    given = parse_config(ModelConfig, model_argv)  # checks each value against the type of ModelConfig's field
+    overrides = {**defaults, **{k: getattr(given, k) for k in (a[2:].partition('=')[0] for a in model_argv)}}
+    return cfg, ModelConfig(**{**SHAPES[shape], **overrides}), overrides
+
+
 @dataclass
 class BenchConfig(TrainConfig):
-    # the shape nanoGPT trains on shakespeare_char, at the batch size the CPU runs
+    # the shape nanoGPT trains on shakespeare_char (train.py's defaults, with its 65 characters), at the batch size
+    # the CPU runs
     batch_size: int = 8
-    block_size: int = 256
     vocab_size: int = 65
     steps: int = 10          # timed steps per round
     warmup: int = 3          # untimed steps first (allocator, kernel selection, compile)
@@ -195,7 +221,7 @@ def bench_train(argv):
     for v, r in rows.items():
         print(f"{v:<{width}} {r['tokens_per_sec']:>10,.0f} {r['ms_per_step']:>9.0f} {r['mfu_vs_bf16_peak']:>14.1%} "
               f"{r['peak_mem_mib']:>13,.0f} {r['saved_mib']:>16,.0f} {r['tokens_per_sec'] / first['tokens_per_sec']:>6.2f}x "
-              f"{r['peak_mem_mib'] / first['peak_mem_mib']:>6.2f}x {r['saved_mib'] / first['saved_mib']:>11.2f}x")
+              f"{ratio(r['peak_mem_mib'], first['peak_mem_mib']):>7} {ratio(r['saved_mib'], first['saved_mib']):>12}")
     return rows
 
 
@@ -394,14 +420,8 @@ def bench_bpe(argv):
 
 @dataclass
 class DecodeBenchConfig:
-    # GPT-2 124M; any gpt or llama shape works (transformers gets the same weights through save_pretrained)
-    model_type: str = 'gpt'
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 0
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 1024
+    # the model: SHAPES['gpt2-124m'], any field of ModelConfig overridable (--n_layer=2); any gpt or llama shape
+    # works (transformers gets the same weights through save_pretrained)
     batch_sizes: str = '1,8'
     prompt_lens: str = '16,512'
     new_tokens: int = 128
@@ -448,22 +468,24 @@ def time_generate(fn, reps):
 
 
 def bench_decode(argv):
-    cfg = parse_config(DecodeBenchConfig, argv)
+    cfg, mcfg, given = parse_bench(DecodeBenchConfig, argv, 'gpt2-124m')
+    if 'bias' not in given:
+        mcfg.bias = mcfg.model_type == 'gpt'  # llama has none
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    mcfg = ModelConfig(**{k: getattr(cfg, k) for k in ('model_type', 'n_layer', 'n_head', 'n_kv_head', 'n_embd',
-                                                         'vocab_size', 'block_size')}, bias=cfg.model_type == 'gpt')
     ours = build_model(mcfg).eval()
     hf = transformers = None
     if cfg.hf:
         import transformers
+
+        import weights
         work = tempfile.mkdtemp()
-        save_pretrained(ours, work)  # identical weights, through our own exporter
+        weights.save_pretrained(ours, work)  # identical weights, through our own exporter
         hf = transformers.AutoModelForCausalLM.from_pretrained(work).eval()
         shutil.rmtree(work, ignore_errors=True)
     read_bw, copy_bw = memory_bandwidth()
-    print(f"bench decode: {cfg.model_type} {cfg.n_layer}L {cfg.n_head}H {cfg.n_embd}C, vocab {cfg.vocab_size}, "
+    print(f"bench decode: {mcfg.model_type} {mcfg.n_layer}L {mcfg.n_head}H {mcfg.n_embd}C, vocab {mcfg.vocab_size}, "
           f"{num_params(ours) / 1e6:.1f}M parameters, greedy, {cfg.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}"
           + (f", transformers {transformers.__version__}" if hf is not None else ''))
@@ -479,7 +501,7 @@ def bench_decode(argv):
         wbytes = weight_bytes_per_token(stock)
         for B in map(int, cfg.batch_sizes.split(',')):
             for T in map(int, cfg.prompt_lens.split(',')):
-                x = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(T))
+                x = torch.randint(0, mcfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(T))
                 runs = {'stock': lambda: stock.generate(x, cfg.new_tokens, temperature=0),
                         'packed': lambda: packed.generate(x, cfg.new_tokens, temperature=0)}
                 if hf is not None:
@@ -528,11 +550,7 @@ def bench_decode(argv):
 
 @dataclass
 class FinetuneBenchConfig:
-    n_layer: int = 12            # GPT-2 124M
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 256
+    # the model: SHAPES['gpt2-124m'] at block_size 256 (the sequence length), any field of ModelConfig overridable
     batch_size: int = 4
     steps: int = 5
     warmup: int = 2
@@ -543,8 +561,9 @@ class FinetuneBenchConfig:
     num_threads: int = 0
 
 
-def finetune_worker(cfg, variant):
-    """Time cfg.steps optimizer steps of one variant in this process; print one JSON line."""
+def finetune_worker(cfg, mcfg, variant):
+    """Time cfg.steps optimizer steps of one variant on a model of mcfg's shape in this process; print one JSON
+    line."""
     from finetune_lora import apply_lora, count_params, frozen_to
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -554,16 +573,15 @@ def finetune_worker(cfg, variant):
         import peft
         import transformers
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-            n_positions=cfg.block_size))
+            n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, vocab_size=mcfg.vocab_size,
+            n_positions=mcfg.block_size))
         model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
                                                            target_modules=['c_attn', 'c_proj', 'c_fc'],
                                                            fan_in_fan_out=True))
         run = lambda x, y: model(input_ids=x, labels=y).loss  # noqa: E731
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
-        model = build_model(ModelConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                        vocab_size=cfg.vocab_size, block_size=cfg.block_size))
+        model = build_model(mcfg)
         if variant != 'full':
             apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=2 * cfg.lora_r, qlora=variant == 'qlora')
             frozen_to(model, cfg.dtype)  # as finetune_lora.py does
@@ -576,7 +594,7 @@ def finetune_worker(cfg, variant):
     g = torch.Generator().manual_seed(0)
     times = []
     for it in range(cfg.warmup + cfg.steps):
-        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=g)
+        x = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, mcfg.block_size), generator=g)
         t0 = time.perf_counter()
         with autocast('cpu', cfg.dtype):
             loss = run(x, x)
@@ -591,14 +609,14 @@ def finetune_worker(cfg, variant):
 
 
 def bench_finetune(argv):
-    cfg = parse_config(FinetuneBenchConfig, argv)
+    cfg, mcfg, given = parse_bench(FinetuneBenchConfig, argv, 'gpt2-124m', block_size=256)
     variants = cfg.variants.split(',')
-    print(f"bench finetune: GPT-2 shape {cfg.n_layer}L {cfg.n_embd}C vocab {cfg.vocab_size}, batch {cfg.batch_size} x "
-          f"{cfg.block_size}, {cfg.dtype} autocast, LoRA r={cfg.lora_r} on {cfg.lora_targets}, median of {cfg.steps} "
+    print(f"bench finetune: GPT-2 shape {mcfg.n_layer}L {mcfg.n_embd}C vocab {mcfg.vocab_size}, batch "
+          f"{cfg.batch_size} x {mcfg.block_size}, {cfg.dtype} autocast, LoRA r={cfg.lora_r} on {cfg.lora_targets}, median of {cfg.steps} "
           f"steps, each variant in a fresh process (peak memory: resident set growth after imports)")
     rows = {}
     for v in variants:
-        args = [f'--{k}={val}' for k, val in asdict(cfg).items()]
+        args = [f'--{k}={val}' for k, val in asdict(cfg).items()] + [f'--{k}={val!r}' for k, val in given.items()]
         p = subprocess.run([sys.executable, __file__, '_finetune_worker', v, *args], capture_output=True, text=True)
         if p.returncode:
             sys.exit(f'error: the {v} worker failed:\n{p.stderr[-2000:]}')
@@ -628,11 +646,8 @@ class QuantizeBenchConfig:
     init_from: str = 'out-shakespeare-char'  # a trained run (python train.py config/shakespeare_char.py); '' = skip
     eval_data: str = ''          # '' = the run's own data_dir
     max_eval_tokens: int = 100_000
-    n_layer: int = 12            # the GPT-2 124M shape, random weights: size and speed (perplexity means nothing)
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    block_size: int = 1024
+    # then SHAPES['gpt2-124m'] (any field of ModelConfig overridable), random weights: size and speed (perplexity
+    # means nothing)
     new_tokens: int = 128        # greedy decode, batch 1, prompt 16, best of rounds
     rounds: int = 3
     group_size: int = 64
@@ -664,8 +679,8 @@ def interleaved_speed(models, new_tokens, rounds):
 
 def bench_quantize(argv):
     import quantize
-    from sample import eval_data_tokens, eval_tokens, load_model
-    cfg = parse_config(QuantizeBenchConfig, argv)
+    from train import eval_data_tokens, eval_tokens, load_model
+    cfg, mcfg, _ = parse_bench(QuantizeBenchConfig, argv, 'gpt2-124m')
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     variants = cfg.variants.split(',')
@@ -692,9 +707,8 @@ def bench_quantize(argv):
         del models
     # the GPT-2 124M shape: size and decode speed at scale, and how far each scheme moves the logits
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model_type='gpt', n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                    vocab_size=cfg.vocab_size, block_size=cfg.block_size)).eval()
-    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    model = build_model(mcfg).eval()
+    x = torch.randint(0, mcfg.vocab_size, (1, 64))
     with torch.no_grad():
         ref = model(x)[0]
     print(f"\nGPT-2 124M shape, random weights: greedy decode batch 1, prompt 16, {cfg.new_tokens} new tokens, timed "
@@ -856,10 +870,7 @@ def bench_rag(argv):
 
 @dataclass
 class ServeBenchConfig:
-    n_layer: int = 12            # the GPT-2 124M shape, random weights, GPT-2's tokenizer
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
+    # the model: SHAPES['gpt2-124m'] (any field of ModelConfig overridable), random weights, GPT-2's tokenizer
     new_tokens: int = 64         # per request; greedy would stop nowhere on random weights either way
     clients: str = '1,4,8'
     rounds: int = 2              # the best of rounds counts
@@ -889,13 +900,11 @@ def bench_serve(argv):
     same model decoding the same number of tokens through sample.py's path (load_model, packed, generate)."""
     import threading
     import urllib.request
-    from sample import load_model
-    cfg = parse_config(ServeBenchConfig, argv)
+    from train import load_model
+    cfg, mcfg, _ = parse_bench(ServeBenchConfig, argv, 'gpt2-124m')
     tmp = tempfile.mkdtemp()
     torch.manual_seed(0)
-    margs = dict(model_type='gpt', n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=50257,
-                 block_size=cfg.block_size)
-    torch.save({'model': build_model(ModelConfig(**margs)).state_dict(), 'model_args': margs,
+    torch.save({'model': build_model(mcfg).state_dict(), 'model_args': asdict(mcfg),
                 'meta': {'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}}}, os.path.join(tmp, 'ckpt.pt'))
     prompt = 'Tell me about the history of the printing press in Europe.'
     model, tok = load_model(tmp)
@@ -922,7 +931,7 @@ def bench_serve(argv):
                     sys.exit(f"error: chat_ui.py did not start: {server.stderr.read().decode()[-2000:]}")
                 time.sleep(0.5)
         stream_request(url, 'warm up', 4)
-        print(f"bench serve: GPT-2 124M shape ({cfg.n_layer}L {cfg.n_embd}C), {cfg.new_tokens} new tokens per "
+        print(f"bench serve: GPT-2 124M shape ({mcfg.n_layer}L {mcfg.n_embd}C), {cfg.new_tokens} new tokens per "
               f"request, sampling; sample.py's path alone: {direct:.1f} tokens/s (prefill included)")
         print(f"{'clients':>7} {'TTFT s':>8} {'tok/s per client':>17} {'total tok/s':>12}")
         rows = {}
@@ -1169,8 +1178,8 @@ def gguf_speed(gens, ids, cfg, sizes):
 
 
 def eval_context(model, ids, cfg):
-    """sample.eval_tokens over windows of ppl_context tokens (it takes the window from config.block_size)."""
-    from sample import eval_tokens
+    """train.eval_tokens over windows of ppl_context tokens (it takes the window from config.block_size)."""
+    from train import eval_tokens
     block = model.config.block_size
     model.config.block_size = cfg.ppl_context
     try:
@@ -1192,6 +1201,11 @@ def hf_perplexity(model, ids, context, stride):
         count += end - done
         done, start = end, start + stride
     return {'loss': nll / count, 'ppl': math.exp(nll / count), 'tokens': count}
+
+
+def ratio(a, b):
+    # a tiny model can grow no memory at all: no ratio then, rather than a ZeroDivisionError
+    return f"{a / b:.2f}x" if b else 'n/a'
 
 
 def markdown_table(header, rows):
@@ -1241,7 +1255,7 @@ def bench_gguf(argv):
           + ('' if whose == 'transformers' else f" (same ids as transformers': {'yes' if same_ids else 'NO'})"))
     work = tempfile.mkdtemp(prefix='bench_gguf_')
     try:
-        save_pretrained(base, work)  # transformers' folder of the same weights, through our exporter
+        weights.save_pretrained(base, work)  # transformers' folder of the same weights, through our exporter
         hf_tok.save_pretrained(work)
         procs = variants + ['hf-gguf', 'hf-folder']
         args = [f'--{k}={v}' for k, v in asdict(cfg).items()]
@@ -1359,7 +1373,8 @@ def main(argv):
     if argv[:1] == ['_train_worker']:
         return train_worker(parse_config(BenchConfig, argv[1:]))
     if argv[:1] == ['_finetune_worker']:
-        return finetune_worker(parse_config(FinetuneBenchConfig, argv[2:]), argv[1])
+        cfg, mcfg, _ = parse_bench(FinetuneBenchConfig, argv[2:], 'gpt2-124m')  # the shape's overrides come in argv
+        return finetune_worker(cfg, mcfg, argv[1])
     if argv[:1] == ['_gguf_worker']:
         return gguf_worker(parse_config(GGUFBenchConfig, argv[3:]), argv[1], argv[2])
     cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'tiktoken_cache')

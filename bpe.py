@@ -70,6 +70,14 @@ class BPEError(ValueError):
     """A mistake in the input (a path, a setting, disallowed special text): one line the user can act on."""
 
 
+def tokenizer_identity(tok):
+    """What must match for existing data to be reused: the kind, and for bpe the file's sha256 or the
+    training settings (the text is compared separately)."""
+    if tok['kind'] != 'bpe':
+        return tok['kind']  # a char vocabulary follows from the text
+    return {'trained': tok['trained']} if 'trained' in tok else {'sha256': tok['sha256']}
+
+
 def chunker(pattern):
     """A function text -> list of regex chunks (a name in PATTERNS or any regex).
 
@@ -204,7 +212,8 @@ def count_chunks(documents, pattern, special_tokens=()):
 def train_ranks(chunk_counts, n_tokens, min_frequency=1, progress=False):
     """Byte-level BPE on {chunk bytes: count}: {token bytes: id} for the 256 bytes, then one token per merge,
     until there are n_tokens or no pair occurs min_frequency times. Each merge takes the most frequent pair;
-    ties go to the smallest (left id, right id), i.e. to the oldest tokens, bytes by value.
+    ties go to the smallest (left id, right id), i.e. to the oldest tokens, bytes by value. train_ranks_naive
+    below is the same algorithm written plainly: the two must agree.
 
     >>> ranks = train_ranks({b'aaabdaaabac': 1}, 259)    # the textbook example: aa, ab, then aaab
     >>> sorted(ranks, key=ranks.get)[256:]
@@ -273,6 +282,71 @@ def train_ranks(chunk_counts, n_tokens, min_frequency=1, progress=False):
     return ranks
 
 
+def count_pairs(ids, counts=None, weight=1):
+    """{(left, right): occurrences} of the adjacent pairs in ids, added (weight times each) to counts.
+
+    >>> count_pairs([1, 2, 3, 1, 2])
+    {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    """
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge_pair(ids, pair, new_id):
+    """ids with every occurrence of pair replaced by new_id, left to right (so in a run, the leftmost wins).
+
+    >>> merge_pair([1, 2, 3, 1, 2], (1, 2), 4)
+    [4, 3, 4]
+    >>> merge_pair([1, 1, 1], (1, 1), 4)
+    [4, 1]
+    """
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_ranks_naive(text_or_chunks, n_tokens, pattern='gpt4', min_frequency=1):
+    """train_ranks the readable way, minbpe's: after every merge, recount every pair of every chunk. That is
+    quadratic (merges x text), too slow to train with, but it is the definition: train_ranks must give the
+    same {token bytes: id}, merge for merge. text_or_chunks: a str, cut by pattern as train() cuts it (without
+    cutting out special tokens), or {chunk bytes: count} as train_ranks takes.
+
+    >>> ranks = train_ranks_naive('aaabdaaabac', 259, pattern=r'(?s).+')
+    >>> sorted(ranks, key=ranks.get)[256:]
+    [b'aa', b'ab', b'aaab']
+    """
+    if isinstance(text_or_chunks, str):
+        text_or_chunks = Counter(valid_text(c).encode('utf-8') for c in chunker(pattern)(text_or_chunks))
+    chunks = [(list(chunk), n) for chunk, n in text_or_chunks.items()]  # each unique chunk once, with its count
+    tokens = [bytes([i]) for i in range(256)]  # id -> bytes
+    ranks = {t: i for i, t in enumerate(tokens)}  # bytes -> id
+    while len(tokens) < n_tokens:
+        counts = {}
+        for ids, n in chunks:
+            count_pairs(ids, counts, n)
+        if not counts:
+            break
+        # the most frequent pair, ties to the smallest (left, right) as train_ranks' heap pops them (minbpe's
+        # max(counts, key=counts.get) takes the pair seen first, which depends on the order of the text)
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        if counts[pair] < min_frequency:
+            break
+        token = tokens[pair[0]] + tokens[pair[1]]
+        if token not in ranks:  # else two pairs spell the same bytes: the chunks reuse that token, as tiktoken would
+            ranks[token] = len(tokens)
+            tokens.append(token)
+        chunks = [(merge_pair(ids, pair, ranks[token]), n) for ids, n in chunks]
+    return ranks
+
+
 def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,), min_frequency=1, name='bpe',
           progress=True):
     """A Tokenizer trained on a str of text, or on a list of paths (text files, .jsonl files, folders).
@@ -299,7 +373,9 @@ def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,)
         raise BPEError(f"no text to train on in {what}")
     if progress:
         print(f"counted {sum(counts.values()):,} chunks ({len(counts):,} unique) in {time.time() - t0:.1f}s")
-    chunk_counts = {valid_text(chunk).encode('utf-8'): n for chunk, n in counts.items()}
+    chunk_counts = Counter()  # summed: two chunks with different lone surrogates become the same bytes
+    for chunk, n in counts.items():
+        chunk_counts[valid_text(chunk).encode('utf-8')] += n
     del counts
     n_tokens = vocab_size - len(special_tokens)
     ranks = train_ranks(chunk_counts, n_tokens, min_frequency, progress)
@@ -1148,8 +1224,8 @@ def gguf_settings(meta):
     model, tokens = meta.get('tokenizer.ggml.model'), meta.get('tokenizer.ggml.tokens')
     if model not in ('gpt2', 'llama'):
         raise BPEError(f"tokenizer.ggml.model {model!r:.40} is not one bpe.py reads ('gpt2': byte-level BPE, 'llama': "
-                       f"SentencePiece-style BPE)" if model else "the GGUF metadata has no tokenizer.ggml.model: "
-                       f"the file carries no tokenizer")
+                       "SentencePiece-style BPE)" if model else "the GGUF metadata has no tokenizer.ggml.model: "
+                       "the file carries no tokenizer")
     if not tokens:
         raise BPEError("the GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary to encode with")
     gguf_check(meta)

@@ -5,8 +5,8 @@ A chat page, a training-curves page and an OpenAI-compatible API, served by Pyth
     python chat_ui.py --init_from=gpt2 --quantize=int8 --rag_index=rag-index --port=8080 --api_key=secret
 
 API: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (stream, max_tokens,
-temperature, top_p, top_k, stop, seed, n, usage), errors in OpenAI's JSON shape. Pages: / (chat) and /train
-(plots out_dir/metrics.jsonl while a run goes on).
+temperature, top_p, top_k, stop, seed, n, usage), errors in OpenAI's JSON shape. Pages: / (chat, chat_ui.html) and
+/train (chat_ui_train.html: plots out_dir/metrics.jsonl while a run goes on), read once at start-up.
 
 One thread owns the model. Requests wait in a bounded queue (full: 429). Requests with the same sampling
 settings are decoded together as one batch of rows. A client that disconnects, or presses stop on the page,
@@ -39,9 +39,9 @@ import torch
 
 import quantize
 import rag
-from model import num_params
-from sample import chat_prompt, chat_style, load_model, pack_linears, stream_text
-from train import UserError, parse_config, resolve_device, resolve_dtype, run_cli
+from configurator import UserError, parse_config, run_cli
+from model import num_params, pack_linears
+from train import chat_prompt, chat_style, load_model, resolve_device, resolve_dtype, stream_text
 
 
 @dataclass
@@ -333,6 +333,7 @@ class App:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.pages = load_pages()
         device = resolve_device(cfg.device)
         model, tok = load_model(cfg.init_from, device, resolve_dtype(cfg.dtype, device), cfg.trust_checkpoint)
         if model.config.model_type == 'bert':
@@ -808,7 +809,7 @@ def metrics(h):
 
 
 def page(name):
-    return lambda h: h.send(200, PAGES[name], 'text/html')
+    return lambda h: h.send(200, h.app.pages[name], 'text/html')
 
 
 ROUTES = {('GET', '/'): page('chat'), ('GET', '/train'): page('train'), ('GET', '/health'): health,
@@ -817,104 +818,23 @@ ROUTES = {('GET', '/'): page('chat'), ('GET', '/train'): page('train'), ('GET', 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the pages: inline HTML, CSS and JS, nothing fetched from elsewhere
+# the pages: HTML files next to this one, each self-contained (its CSS and JS inline, nothing from a CDN)
 
-STYLE = """
-*{box-sizing:border-box}body{margin:0;font:15px/1.45 system-ui,sans-serif;background:#f6f7f9;color:#1c1e21}
-header{display:flex;gap:12px;align-items:center;padding:8px 14px;background:#20232a;color:#fff;flex-wrap:wrap}
-header a{color:#9cf}#info{font-size:13px;opacity:.8}main{max-width:900px;margin:0 auto;padding:10px}
-"""
+PAGES = {'chat': 'chat_ui.html', 'train': 'chat_ui_train.html'}
 
-CHAT_PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,
-initial-scale=1"><title>chat</title><style>""" + STYLE + """
-#log{display:flex;flex-direction:column;gap:10px;min-height:50vh;margin-bottom:10px}
-.msg{padding:9px 12px;border-radius:10px;white-space:pre-wrap;word-wrap:break-word;max-width:100%}
-.user{background:#dbeafe;align-self:flex-end;cursor:pointer}.assistant{background:#fff;border:1px solid #ddd}
-pre{background:#272822;color:#f8f8f2;padding:8px;border-radius:6px;overflow-x:auto;white-space:pre}
-code{font-family:ui-monospace,monospace;font-size:13px}.src{font-size:12px;color:#555;border-left:3px solid #9cf;
-padding-left:6px;margin-top:6px}textarea{width:100%;font:inherit;padding:8px;border-radius:8px;border:1px solid #bbb}
-.row{display:flex;gap:8px;flex-wrap:wrap;align-items:center;margin:6px 0}button{padding:7px 14px;border-radius:8px;
-border:1px solid #888;background:#fff;cursor:pointer}button.primary{background:#2563eb;color:#fff;border-color:#2563eb}
-button:disabled{opacity:.45}label{font-size:13px}input[type=number]{width:70px}details{margin:6px 0}
-@media (max-width:600px){body{font-size:14px}.row button{flex:1}}
-</style></head><body><header><b>nanollm chat</b><span id="info">loading...</span><a href="/train">training</a>
-</header><main><details><summary>settings</summary><textarea id="system" rows="2" placeholder="system prompt">
-</textarea><div class="row"><label>temperature <input id="temperature" type="number" step="0.1" min="0" max="2"
-value="0.8"></label><label>top-k <input id="top_k" type="number" min="0" value="0"></label><label>top-p <input
-id="top_p" type="number" step="0.05" min="0" max="1" value="1"></label><label>max tokens <input id="max_tokens"
-type="number" min="1" value="200"></label><label id="raglabel" hidden><input id="rag" type="checkbox"> answer from
-documents (RAG)</label></div></details><div id="log"></div><textarea id="input" rows="3" placeholder="Type a
-message. Enter sends, Shift+Enter is a new line. Click one of your messages to edit it."></textarea><div class="row">
-<button id="send" class="primary">Send</button><button id="stop" disabled>Stop</button><button id="regen">
-Regenerate</button><button id="clear">Clear</button></div></main><script>
-const $=id=>document.getElementById(id);let history=[],controller=null,key=localStorage.getItem('apikey')||'';
-function esc(s){return s.replace(/[&<>]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;'}[c]))}
-function render(t){const parts=t.split('```');return parts.map((p,i)=>i%2?'<pre><code>'+esc(p.replace(/^[\\w+-]*\\n/,
-''))+'</code></pre>':esc(p).replace(/`([^`\\n]+)`/g,'<code>$1</code>').replace(/\\*\\*([^*\\n]+)\\*\\*/g,'<b>$1</b>')).join('')}
-function draw(){const log=$('log');log.innerHTML='';history.forEach((m,i)=>{const d=document.createElement('div');
-d.className='msg '+m.role;d.innerHTML=render(m.content);if(m.sources)d.innerHTML+=m.sources.map(s=>'<div class="src">['
-+s.n+'] '+esc(s.source)+': '+esc(s.text.slice(0,200))+'...</div>').join('');if(m.role=='user')d.onclick=()=>edit(i);
-log.appendChild(d)});window.scrollTo(0,document.body.scrollHeight)}
-function edit(i){if(controller)return;$('input').value=history[i].content;history=history.slice(0,i);draw();
-$('input').focus()}
-function busy(b){$('send').disabled=b;$('regen').disabled=b;$('stop').disabled=!b}
-async function ask(){const msgs=[];const sys=$('system').value.trim();if(sys)msgs.push({role:'system',content:sys});
-history.forEach(m=>msgs.push({role:m.role,content:m.content}));const reply={role:'assistant',content:''};
-history.push(reply);draw();const body={messages:msgs,stream:true,temperature:+$('temperature').value,
-top_p:+$('top_p').value,top_k:+$('top_k').value,max_tokens:+$('max_tokens').value,rag:$('rag').checked};
-controller=new AbortController();busy(true);try{let r=await fetch('/v1/chat/completions',{method:'POST',headers:{
-'Content-Type':'application/json',...(key?{Authorization:'Bearer '+key}:{})},body:JSON.stringify(body),
-signal:controller.signal});if(r.status==401){key=prompt('API key')||'';localStorage.setItem('apikey',key);
-history.pop();controller=null;busy(false);if(key){info();return await ask()}
-reply.content='[error] this server needs its API key';history.push(reply);return}if(!r.ok){const e=await r.json();
-reply.content='[error] '+e.error.message;draw();return}const reader=r.body.getReader(),dec=new TextDecoder();let buf='';
-const last=$('log').lastChild;while(true){const {value,done}=await reader.read();if(done)break;
-buf+=dec.decode(value,{stream:true});let k;while((k=buf.indexOf('\\n\\n'))>=0){const line=buf.slice(0,k);
-buf=buf.slice(k+2);if(!line.startsWith('data: '))continue;const data=line.slice(6);if(data=='[DONE]')continue;
-const c=JSON.parse(data);if(c.error){reply.content+='\\n[error] '+
-c.error.message;continue}if(c.sources)reply.sources=c.sources;const d=c.choices[0];if(d&&d.delta&&d.delta.content)
-{reply.content+=d.delta.content;last.innerHTML=render(reply.content)}}}}catch(e){if(e.name!='AbortError')
-reply.content+='\\n[error] '+e}finally{controller=null;busy(false);draw()}}
-function send(){const t=$('input').value.trim();if(!t||controller)return;history.push({role:'user',content:t});
-$('input').value='';ask()}
-$('send').onclick=send;$('stop').onclick=()=>controller&&controller.abort();
-$('regen').onclick=()=>{if(controller)return;while(history.length&&history[history.length-1].role=='assistant')
-history.pop();if(history.length)ask()};$('clear').onclick=()=>{if(controller)controller.abort();history=[];draw()};
-$('input').addEventListener('keydown',e=>{if(e.key=='Enter'&&!e.shiftKey){e.preventDefault();send()}});
-function info(){fetch('/v1/models',{headers:key?{Authorization:'Bearer '+key}:{}}).then(r=>r.json()).then(j=>{
-const m=j.data[0];$('info').textContent=m.id+' - '+(m.parameters/1e6).toFixed(1)+'M parameters, context '+
-m.context_length+(m.quantize?', '+m.quantize:'');$('raglabel').hidden=!m.rag}).catch(()=>{$('info').textContent=
-'(model info needs the API key)'})}
-info();
-</script></body></html>"""
 
-TRAIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,
-initial-scale=1"><title>training</title><style>""" + STYLE + """
-.chart{background:#fff;border:1px solid #ddd;border-radius:8px;margin:10px 0;padding:6px}svg{width:100%;height:220px}
-.legend{font-size:13px}</style></head><body><header><b>training curves</b><span id="info"></span><a href="/">chat</a>
-</header><main><div id="charts"></div></main><script>
-const charts=[['loss',[['loss','train loss','#2563eb'],['val_loss','val loss','#dc2626']]],['learning rate',
-[['lr','lr','#16a34a']]],['tokens/s',[['tokens_per_sec','tokens/s','#9333ea']]]];
-function chart(title,series,recs){const W=800,H=200,P=40;const pts=series.map(([k])=>recs.filter(r=>r[k]!=null)
-.map(r=>[r.iter,r[k]]));const all=pts.flat();if(!all.length)return'';const xs=all.map(p=>p[0]),ys=all.map(p=>p[1]);
-const x0=Math.min(...xs),x1=Math.max(...xs)||1,y0=Math.min(...ys),y1=Math.max(...ys);const sx=x=>P+(x-x0)/((x1-x0)||1)
-*(W-P-10),sy=y=>H-20-(y-y0)/((y1-y0)||1)*(H-30);let s='<div class="chart"><div class="legend"><b>'+title+'</b> '+
-series.map(([k,n,c])=>'<span style="color:'+c+'">&#9632; '+n+'</span>').join(' ')+'</div><svg viewBox="0 0 '+W+' '+H+
-'"><text x="2" y="14" font-size="11">'+y1.toPrecision(3)+'</text><text x="2" y="'+(H-20)+'" font-size="11">'+
-y0.toPrecision(3)+'</text><text x="'+P+'" y="'+(H-4)+'" font-size="11">iter '+x0+'</text><text x="'+(W-70)+'" y="'+
-(H-4)+'" font-size="11">iter '+x1+'</text>';series.forEach(([k,n,c],i)=>{if(pts[i].length)s+='<polyline fill="none" '+
-'stroke="'+c+'" stroke-width="2" points="'+pts[i].map(p=>sx(p[0]).toFixed(1)+','+sy(p[1]).toFixed(1)).join(' ')+
-'"/>'});return s+'</svg></div>'}
-const $=id=>document.getElementById(id);let key=localStorage.getItem('apikey')||'';
-async function refresh(){try{const r=await fetch('/api/metrics',{headers:key?{Authorization:'Bearer '+key}:{}});
-if(r.status==401){key=prompt('API key')||'';localStorage.setItem('apikey',key);if(!key){clearInterval(timer);
-$('info').textContent='the metrics need the API key: reload the page to enter it'}return}const j=await r.json();
-$('info').textContent=j.exists?j.path+': '+j.records.length+' records':'no '+j.path+' yet';
-$('charts').innerHTML=charts.map(([t,s])=>chart(t,s,j.records)).join('')}catch(e){}}
-const timer=setInterval(refresh,2000);refresh();
-</script></body></html>"""
-
-PAGES = {'chat': CHAT_PAGE, 'train': TRAIN_PAGE}
+def load_pages():
+    """Each page's bytes, read once at start-up: a page missing stops the server before the model loads."""
+    pages = {}
+    for name, file in PAGES.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file)
+        try:
+            with open(path, encoding='utf-8') as f:
+                pages[name] = f.read().encode()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the {name} page {path} ({getattr(e, 'strerror', None) or e}): "
+                            f"restore it from the repository") from None
+    return pages
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from quantize import NF4Linear
-from sample import chat_prompt, chat_style, load_model, meta_tokenizer, read_json_records
-from train import (TrainConfig, UserError, check_ranges, get_batch, load_checkpoint, load_data, parse_config,
-                   resolve_device, resolve_dtype, run_cli, save_checkpoint, train, writable_dir)
+from configurator import UserError, check_ranges, parse_config, run_cli, writable_dir
+from train import (TrainConfig, chat_style, get_batch, load_checkpoint, load_data, load_model,
+                   meta_tokenizer, read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA

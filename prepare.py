@@ -48,8 +48,6 @@ about 100 bytes per kept document.
 """
 import collections
 import contextlib
-import functools
-import glob
 import gzip
 import hashlib
 import importlib
@@ -67,12 +65,11 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import numpy as np
-import requests
-import tiktoken
 from tqdm import tqdm
 
 import bpe
-from train import UserError, parse_config, run_cli, writable_dir
+from configurator import (DownloadError, UserError, decode_file, download, list_files, parse_config, run_cli,
+                          tiktoken_encoding, writable_dir, write_atomic)
 
 PREPARE_VERSION = 1  # bump when the output for the same input changes; older data is then rebuilt
 DATASETS = ('shakespeare_char', 'shakespeare', 'text', 'pydocs', 'dolma', 'fineweb_edu', 'c4', 'urls')
@@ -108,106 +105,20 @@ class PrepareConfig:
     keep_downloads: bool = False       # keep downloaded source shards in cache_dir after they are tokenized
 
 
-class DownloadError(Exception):
-    pass
-
 # ----------------------------------------------------------------------------------------------------------
 # getting the text: a list of documents
 
 
-def download(url, cache_dir, timeout, retries=0):
-    """Path of a cached copy of url, downloading it first if needed. The bytes go to a .part file, renamed only
-    when it holds all the Content-Length bytes; a broken transfer continues from where it stopped (an HTTP
-    Range request), up to `retries` more times now and otherwise on the next call."""
-    name = hashlib.sha1(url.encode()).hexdigest()[:10] + '-' + (os.path.basename(url.split('?')[0]) or 'index')
-    path = os.path.join(cache_dir, name)
-    if os.path.isfile(path):
-        return path
-    for attempt in range(retries + 1):
-        try:
-            download_part(url, path + '.part', timeout)
-            break
-        except (requests.RequestException, OSError, DownloadError) as e:
-            status = e.response.status_code if isinstance(e, requests.HTTPError) else 500
-            if attempt == retries or status < 500 and status != 429:  # 404 and the like will not get better
-                raise DownloadError(short_reason(e)) from None
-            time.sleep(2 ** attempt)
-    os.replace(path + '.part', path)
-    return path
-
-
-def download_part(url, part, timeout):
-    """Fetch url into the file part, continuing after the bytes it already holds if the server takes Range."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    headers = {'Accept-Encoding': 'identity'}  # the bytes as stored, so that Content-Length counts them
-    if have:
-        headers['Range'] = f'bytes={have}-'
-    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-        if r.status_code == 416 and have:  # asked for bytes past the end
-            if r.headers.get('content-range') == f'bytes */{have}':
-                return  # the .part was complete already
-            os.remove(part)
-            raise DownloadError('the partial download is longer than the file')
-        r.raise_for_status()
-        if r.status_code == 206 and not r.headers.get('content-range', '').startswith(f'bytes {have}-'):
-            os.remove(part)
-            raise DownloadError('the server sent another part of the file than asked for')
-        have = have if r.status_code == 206 else 0  # 200: the server ignored Range and sends it all
-        size = int(r.headers['content-length']) if 'content-length' in r.headers else None
-        os.makedirs(os.path.dirname(part), exist_ok=True)
-        bar = tqdm(total=size and have + size, initial=have, unit='B', unit_scale=True, disable=None,  # None: tty only
-                   desc=os.path.basename(url.split('?')[0])[:40])
-        with open(part, 'ab' if have else 'wb') as f, bar:
-            for chunk in r.iter_content(1 << 16):
-                bar.update(f.write(chunk))
-        got = os.path.getsize(part) - have
-        if size is not None and got != size and 'content-encoding' not in r.headers:
-            raise DownloadError(f'received {got:,} of {size:,} bytes')
-
-
-def short_reason(e):
-    """'Connection refused' rather than requests' three-line 'HTTPConnectionPool(host=...) Max retries...'."""
-    if isinstance(e, requests.HTTPError):
-        return f'HTTP {e.response.status_code}'
-    if isinstance(e, requests.Timeout):
-        return 'timed out'
-    if isinstance(e, requests.exceptions.ChunkedEncodingError):  # e.g. fewer bytes than Content-Length
-        return 'the connection broke off before the end of the file'
-    if isinstance(e, DownloadError):
-        return str(e)
-    m = re.search(r'\[Errno -?\d+\] ([^\'")]+)', str(e))  # e.g. [Errno -2] Name or service not known
-    return m.group(1).strip() if m else type(e).__name__
-
-
-def decode_file(path):
-    """(text, None) for a UTF-8 text file, else (None, why not)."""
-    with open(path, 'rb') as f:
-        raw = f.read()
-    if b'\x00' in raw:
-        return None, 'contains NUL bytes, so it looks binary'
-    try:
-        return raw.decode('utf-8-sig'), None  # -sig: a leading byte-order mark is not text
-    except UnicodeDecodeError as e:
-        return None, f'is not UTF-8 (bad byte at offset {e.start})'
-
-
 def find_files(pattern):
     """The files --input names: one file, the .txt/.md/.jsonl files under a folder, or a glob's matches."""
-    pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names
-                       if f.lower().endswith(TEXT_EXTS))
-        if not files:
-            raise UserError(f"no {', '.join(TEXT_EXTS)} files in folder '{pattern}'")
-        return files
-    if os.path.isfile(pattern):
-        return [pattern]
-    if any(c in pattern for c in '*?['):
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-        if not files:
-            raise UserError(f"no files match '{pattern}'")
-        return files
-    raise UserError(f"input '{pattern}' not found: give a file, a folder or a glob such as 'notes/**/*.md'")
+    folder = os.path.isdir(os.path.expanduser(pattern))
+    files = list_files(pattern, TEXT_EXTS if folder else None)
+    if files is None:
+        raise UserError(f"input '{pattern}' not found: give a file, a folder or a glob such as 'notes/**/*.md'")
+    if not files:
+        raise UserError(f"no {', '.join(TEXT_EXTS)} files in folder '{pattern}'" if folder else
+                        f"no files match '{pattern}'")
+    return files
 
 
 def jsonl_text(line):
@@ -310,49 +221,6 @@ def pydocs_documents():
 # tokenizers
 
 
-def tiktoken_encoding(name):
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:  # tiktoken downloads its files once, then reads them from its cache
-        raise UserError(f"could not load tiktoken's {name} encoding ({short_reason(e)}); it is downloaded once, "
-                        f"so connect to the internet or set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
-
-
-def load_tokenizer(meta):
-    """encode(str) -> list[int] and decode(list[int]) -> str for a dataset's meta.json dict."""
-    tok = meta.get('tokenizer') or {}
-    if tok.get('kind') == 'char':
-        chars = tok['chars']
-        stoi = {c: i for i, c in enumerate(chars)}
-
-        def encode(s):
-            for c in s:
-                if c not in stoi:
-                    raise UserError(f"character {c!r} is not in this dataset's vocabulary of {len(chars)} "
-                                    f"characters; leave it out of the prompt")
-            return [stoi[c] for c in s]
-
-        def decode(ids):  # a model's vocabulary may be padded past the data's: show those ids as U+FFFD
-            return ''.join(chars[i] if 0 <= i < len(chars) else '\ufffd' for i in ids)
-        return encode, decode
-    if tok.get('kind') == 'tiktoken':
-        enc = tiktoken_encoding(tok['name'])
-        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}),
-                lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'))
-    if tok.get('kind') == 'bpe':
-        if 'model' not in tok:  # train.load_data and prepare_stream put the file's text here
-            raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
-                            "train.load_data, or sample from a checkpoint written by train.py")
-        bpe_tok = bpe_from_text(tok['model'], 'the bpe tokenizer in meta')
-        vocab = bpe_tok.vocab
-        try:
-            encode = functools.partial(bpe_tok.to_tiktoken().encode, allowed_special='all')
-        except bpe.BPEError:  # SentencePiece-style (a model fine-tuned from Llama 2): bpe.py's own encoder
-            encode = functools.partial(bpe_tok.encode, allowed_special='all')
-        return encode, lambda ids: bpe_tok.decode([i for i in ids if i in vocab])  # a padded vocabulary's ids
-    raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
-
-
 def bpe_from_text(text, where):
     try:
         return bpe.Tokenizer.loads(text, where)
@@ -392,14 +260,6 @@ def bpe_for(cfg, dataset, train_docs=None):
         text = tok.dumps()
         fields['sha256'] = hashlib.sha256(text.encode('utf-8')).hexdigest()
     return tok, text, {**fields, 'name': tok.name}
-
-
-def tokenizer_identity(tok):
-    """What must match for existing data to be reused: the kind, and for bpe the file's sha256 or the
-    training settings (the text is compared separately)."""
-    if tok['kind'] != 'bpe':
-        return tok['kind']  # a char vocabulary follows from the text
-    return {'trained': tok['trained']} if 'trained' in tok else {'sha256': tok['sha256']}
 
 
 def pieces(text, size=1 << 20):
@@ -513,7 +373,7 @@ def already_prepared(out_dir, expect):
         sizes = [os.path.getsize(os.path.join(out_dir, f'{s}.bin')) for s in ('train', 'val')]
         if sizes != [meta['train_tokens'] * itemsize, meta['val_tokens'] * itemsize]:
             return None
-        got = {**meta, 'tokenizer': tokenizer_identity(meta['tokenizer'])}
+        got = {**meta, 'tokenizer': bpe.tokenizer_identity(meta['tokenizer'])}
         if meta['tokenizer']['kind'] == 'bpe':
             with open(os.path.join(out_dir, meta['tokenizer']['file']), 'rb') as f:
                 if hashlib.sha256(f.read()).hexdigest() != meta['tokenizer']['sha256']:
@@ -563,7 +423,7 @@ def prepare(cfg, fallback=False):
     kind = cfg.tokenizer or ('gpt2' if dataset == 'shakespeare' else 'char')
     tok_fields = bpe_for(cfg, dataset)[2] if kind == 'bpe' else {'kind': 'char' if kind == 'char' else 'tiktoken'}
     expect = {'dataset': dataset, 'sha256': text_sha256(docs, kind), 'val_fraction': cfg.val_fraction,
-              'prepare_version': PREPARE_VERSION, 'tokenizer': tokenizer_identity(tok_fields)}
+              'prepare_version': PREPARE_VERSION, 'tokenizer': bpe.tokenizer_identity(tok_fields)}
     old = already_prepared(cfg.out_dir, expect)
     if old:
         print(f"already prepared: {cfg.out_dir} holds {dataset} ({kind}), {old['train_tokens']:,} train and "
@@ -872,12 +732,6 @@ class TokenWriter:
             os.truncate(found[0], tokens * self.dtype.itemsize)
             os.replace(found[0], path if complete else path + '.tmp')
         return True
-
-
-def write_atomic(path, text):
-    with open(path + '.tmp', 'wb') as f:
-        f.write(text.encode('utf-8'))
-    os.replace(path + '.tmp', path)
 
 
 def clear_stream_output(out_dir):

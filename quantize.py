@@ -563,7 +563,7 @@ class QuantizeConfig:
     eval_data: str = ''             # text file or prepare.py folder for perplexity; '' = the run's own data_dir
     eval_split: str = 'val'
     max_eval_tokens: int = 100_000  # 0 = all
-    eval_stride: int = 0            # 0 = half the context (see sample.eval_tokens)
+    eval_stride: int = 0            # 0 = half the context (see train.eval_tokens)
     batch_size: int = 8
     sensitivity_tokens: int = 4096  # prune: tokens per layer for the loss each layer alone loses; 0 = skip
     decode_tokens: int = 64         # tokens generated for the tokens/s figure; 0 = skip
@@ -586,7 +586,8 @@ def default_eval_data(init_from):
 
 
 def measure(model, tok, cfg, ids, plan=None, pack=True):
-    from sample import eval_tokens, pack_linears
+    from model import pack_linears
+    from train import eval_tokens
     out = {'size_bytes': file_bytes(model, plan), 'weight_bytes': weight_bytes(model)}
     if ids is not None:
         r = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)
@@ -601,7 +602,7 @@ def measure(model, tok, cfg, ids, plan=None, pack=True):
 def layer_sensitivity(model, ids, cfg):
     """Per block Linear: the loss increase on the first sensitivity_tokens of ids when that layer alone is pruned
     as cfg says. Which layers a model can least afford to prune."""
-    from sample import eval_tokens
+    from train import eval_tokens
     ids = ids[:cfg.sensitivity_tokens]
     base = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)['loss']
     out = {}
@@ -622,7 +623,7 @@ def export_gguf(model, tok, cfg, ids):
     would see it, and report the file's size and perplexity against the original."""
     import json
     import bpe
-    from train import UserError
+    from configurator import UserError
     from weights import GGUF_TYPES, GGUFError, model_from_gguf, save_gguf
     if cfg.gguf_type not in GGUF_TYPES:
         raise UserError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, not '{cfg.gguf_type}'")
@@ -643,7 +644,7 @@ def export_gguf(model, tok, cfg, ids):
     report = {'init_from': cfg.init_from, 'mode': 'gguf', 'gguf_type': cfg.gguf_type, 'path': path,
               'size_bytes': os.path.getsize(path), 'original_bytes': file_bytes(model)}
     if ids is not None:
-        from sample import eval_tokens
+        from train import eval_tokens
         report['original_ppl'] = eval_tokens(model, ids, cfg.eval_stride, cfg.batch_size)['ppl']
         report['gguf_ppl'] = eval_tokens(back, ids, cfg.eval_stride, cfg.batch_size)['ppl']
     print(f"wrote {path}: {report['size_bytes'] / 1e6:.1f} MB ({report['original_bytes'] / report['size_bytes']:.2f}x "
@@ -660,8 +661,8 @@ def export_gguf(model, tok, cfg, ids):
 def main(argv):
     import copy
     import json
-    from sample import eval_data_tokens, load_model
-    from train import UserError, parse_config, print_config, resolve_device, writable_dir, writable_file
+    from configurator import UserError, parse_config, print_config, writable_dir, writable_file
+    from train import eval_data_tokens, load_model, resolve_device
     cfg = parse_config(QuantizeConfig, argv)
     writable_dir(cfg.out_dir, 'out_dir')
     writable_file(cfg.out, 'out')
@@ -755,5 +756,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from train import run_cli
+    from configurator import run_cli
     run_cli(main)

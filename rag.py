@@ -26,9 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from prepare import decode_file
-from sample import chat_prompt, chat_style, load_model, read_json_records, stream_text
-from train import UserError, load_checkpoint, parse_config, resolve_device, run_cli, writable_dir, writable_file
+from configurator import UserError, decode_file, list_files, parse_config, run_cli, writable_dir, writable_file
+from train import chat_prompt, chat_style, load_checkpoint, load_model, read_json_records, resolve_device, stream_text
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
 JSONL_FIELDS = ('text', 'content', 'contents', 'abstract', 'body')
@@ -68,50 +67,6 @@ class RagConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # documents and chunks
-
-def list_files(docs):
-    """Files with a known extension under a folder, matching a glob (*, ** and ?), or the one file named: sorted
-    paths. Links are not followed out of the folder (or the glob's fixed leading folder), nor around in loops."""
-    if os.path.isfile(docs):
-        return [docs]
-    if os.path.isdir(docs):
-        paths = walk(docs)
-    elif re.search(r'[*?]', docs):
-        fixed = re.split(r'[*?]', docs, maxsplit=1)[0]
-        root = os.path.dirname(fixed)
-        match = glob_regex(os.path.join(root or '.', docs[len(root):].lstrip('/'))).fullmatch
-        paths = [p for p in walk(root or '.') if match(p)] if os.path.isdir(root or '.') else []
-        paths = paths if root else [os.path.relpath(p) for p in paths]  # 'a.md', not './a.md', as glob gives
-    else:
-        paths = []
-    if not paths:
-        raise UserError(f"--docs '{docs}' is not a folder, a file, or a glob that matches anything")
-    return sorted(p for p in paths if p.lower().endswith(EXTENSIONS))
-
-
-def walk(root):
-    """Files under root, hidden ones left out. os.walk does not enter links to folders (so no loops), and a link
-    to a file counts when its target lies inside root and is not indexed already (no /etc/passwd, no duplicates)."""
-    files, links = [], []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        for name in sorted(n for n in names if not n.startswith('.')):
-            path = os.path.join(folder, name)
-            (links if os.path.islink(path) else files).append(path)
-    top, seen = os.path.realpath(root), {os.path.realpath(p) for p in files}
-    for path in links:
-        real = os.path.realpath(path)
-        if real not in seen and os.path.commonpath([top, real]) == top and os.path.isfile(real):
-            seen.add(real)
-            files.append(path)
-    return files
-
-
-def glob_regex(pattern):
-    # glob's meaning: ** any folders (also none), * and ? within one path part
-    parts = {'**/': '(?:.*/)?', '**': '.*', '*': '[^/]*', '?': '[^/]'}
-    return re.compile(''.join(parts.get(p) or re.escape(p) for p in re.split(r'(\*\*/?|\*|\?)', pattern)))
-
 
 TAG = re.compile(r'<(?:(!--)|(script|style)\b|[a-zA-Z/!?])', re.I)
 CLOSE = {'script': re.compile(r'</script\s*>', re.I), 'style': re.compile(r'</style\s*>', re.I)}
@@ -324,7 +279,9 @@ class Index:
     def update(self, docs, batch_size=16, log=print):
         """Bring the index up to date with docs: new and changed files are (re)read, chunked and embedded, the
         chunks of deleted files dropped, unchanged files left alone. Returns the counts."""
-        paths = list_files(docs)
+        paths = list_files(docs, EXTENSIONS)
+        if paths is None or not paths and not os.path.isdir(docs):
+            raise UserError(f"--docs '{docs}' is not a folder, a file, or a glob that matches anything")
         root = docs if os.path.isdir(docs) else os.path.dirname(docs) if os.path.isfile(docs) else \
             os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else '.'
         self.root = os.path.abspath(root)

@@ -14,34 +14,25 @@ gpt2-xl, hf:org/name (downloaded once into a cache), or a .gguf file (llama.cpp,
 model's own tokenizer: the one prepare.py recorded for our checkpoints, tiktoken's GPT-2 encoding for GPT-2,
 tokenizer.json or the GGUF's metadata for the others; chat through the model's own template, run as Jinja.
 """
-import contextlib
-import hashlib
 import json
-import math
 import os
 import sys
 import time
-import types
-import unicodedata
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch.nn import functional as F
 
-import bpe
-from ggml_quants import GGUFError
-from model import PretrainedError, from_pretrained, pretrained_folder
-from prepare import bpe_from_text, decode_file, load_tokenizer, tiktoken_encoding, tokenizer_identity
-from quantize import load_quantized
-from train import (UserError, load_checkpoint, load_data, model_from_checkpoint, parse_config, resolve_device,
-                   resolve_dtype, run_cli, writable_file)
-from weights import model_from_gguf, read_gguf
+from configurator import UserError, decode_file, parse_config, run_cli, writable_file
+from model import pack_linears
+from train import (chat_prompt, chat_style, eval_data_tokens, eval_tokens, load_model, resolve_device, resolve_dtype,
+                   stream_text)
 
 
 @dataclass
 class SampleConfig:
-    init_from: str = 'out'           # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder
+    init_from: str = 'out'           # train.py out_dir | gpt2 .. gpt2-xl | hf:org/name | Hugging Face folder | .gguf
+    out_dir: str = ''                # nanoGPT's name for a train.py out_dir to sample from: the same as init_from
     start: str = '\n'                # the prompt, or FILE:path to read it from a file
     prompts: str = ''                # a file of prompts (.txt: one per line; .jsonl: {"prompt": ...}) -> JSONL
     output: str = ''                 # where --prompts writes its JSONL; '' = stdout
@@ -73,121 +64,6 @@ class SampleConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models and their tokenizers
-
-def tiktoken_tokenizer(name):
-    enc = tiktoken_encoding(name)
-    return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
-                           decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
-                           identity=json.dumps('tiktoken'), chat_template=None, bpe=None,
-                           meta={'kind': 'tiktoken', 'name': name})
-
-
-def meta_tokenizer(meta):
-    """The tokenizer prepare.py recorded in a checkpoint's meta, with its end-of-text id when it has one."""
-    tok = meta.get('tokenizer') or {}
-    if tok.get('kind') == 'tiktoken':
-        return tiktoken_tokenizer(tok['name'])
-    ident = {'chars': tok.get('chars')} if tok.get('kind') == 'char' else tokenizer_identity(tok)  # vocab and order
-    if tok.get('kind') == 'bpe':  # ours, or one a fine-tuned model kept from a tokenizer.json or GGUF
-        out = bpe_tokenizer(bpe_from_text(tok['model'], 'the checkpoint'))
-        out.meta, out.identity, out.eos_id = tok, json.dumps(ident, sort_keys=True), tok.get('eos_id', out.eos_id)
-        out.chat_template = tok.get('chat_template', out.chat_template)
-        return out
-    encode, decode = load_tokenizer(meta)
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id'), meta=tok, bpe=None,
-                           chat_template=tok.get('chat_template'), identity=json.dumps(ident, sort_keys=True))
-
-
-def hf_tokenizer(folder, model_type):
-    """GPT-2 uses tiktoken's encoding; the others their tokenizer.json (byte-level or SentencePiece-style BPE)."""
-    if model_type == 'gpt':
-        return tiktoken_tokenizer('gpt2')
-    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
-        raise UserError(f"'{folder}' has no tokenizer.json, so its text cannot be encoded")
-    try:
-        return bpe_tokenizer(bpe.Tokenizer.from_hf(folder))
-    except bpe.BPEError as e:
-        raise UserError(str(e)) from None
-
-
-def bpe_tokenizer(tok):
-    """The tokenizer interface of load_model for a bpe.Tokenizer read from a tokenizer.json or a GGUF file."""
-    eos = list(dict.fromkeys(i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'),
-                                         tok.special_tokens.get('<|eot_id|>')) if i is not None))
-    encode = lambda s: tok.encode(s, allowed_special='all')  # noqa: E731
-    try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
-        enc = tok.to_tiktoken()
-        norm = (lambda s: unicodedata.normalize(tok.normalizer, s)) if tok.normalizer else (lambda s: s)
-        encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
-    except bpe.BPEError:
-        pass
-    text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
-    meta = {'kind': 'bpe', 'model': text, 'sha256': hashlib.sha256(text.encode()).hexdigest(), 'eos_id': eos,
-            'chat_template': tok.chat_template}
-    decode = lambda ids: tok.decode([i for i in ids if i in tok.vocab])  # noqa: E731  (a padded vocabulary's)
-    # bos_id: the id a plain prompt starts with when the model expects it (add_bos_token); a chat template writes it
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
-                           identity=json.dumps(tokenizer_identity(meta), sort_keys=True), bpe=tok,
-                           bos_id=tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
-
-
-def pack_linears(model, pack=True):
-    """model.pack_linears, kept under its old name for the scripts that import it from here. generate packs by
-    itself on CPU; pack=False frees the packed copies and keeps generate from packing this model again."""
-    import model as model_py  # (the lead: move into the `from model import ...` line above)
-    return model_py.pack_linears(model, pack)
-
-
-def is_gguf(path):
-    """A .gguf path (which must then exist), or any file that starts with GGUF's magic."""
-    if path.endswith('.gguf') and not os.path.isfile(path):
-        raise UserError(f"no GGUF file at '{path}'")
-    with contextlib.suppress(OSError):
-        with open(path, 'rb') as f:
-            return f.read(4) == b'GGUF'
-    return False
-
-
-def load_model(init_from, device='cpu', dtype='float32', trust=False):
-    """(model in eval mode with its weights in dtype, tokenizer) from anything init_from names (see above).
-    The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template. trust: load
-    a ckpt.pt that needs pickle (train.load_checkpoint)."""
-    if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
-        path = os.path.join(init_from, 'ckpt.pt')
-        ckpt = load_checkpoint(path, map_location=device, trust=trust)
-        if isinstance(ckpt, dict) and 'quantization' in ckpt:  # written by quantize.py
-            try:
-                model = load_quantized(ckpt).to(device)
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise UserError(f"'{path}' is a damaged quantized checkpoint ({type(e).__name__}: "
-                                f"{' '.join(str(e).split()[:40])})") from None
-        else:
-            model = model_from_checkpoint(ckpt, device, f"'{path}'")
-        if not (ckpt.get('meta') or {}).get('tokenizer'):
-            raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
-        tok = meta_tokenizer(ckpt['meta'])
-    elif is_gguf(init_from):
-        try:
-            g = read_gguf(init_from)
-            model = model_from_gguf(g).to(device)
-            tok = bpe_tokenizer(bpe.Tokenizer.from_gguf(g.metadata, where=init_from))
-        except (GGUFError, PretrainedError, bpe.BPEError) as e:
-            raise UserError(str(e)) from None
-    else:
-        if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, 'config.json')):
-            raise UserError(f"no checkpoint at '{init_from}': init_from takes a train.py out_dir (with ckpt.pt), "
-                            f"a Hugging Face model folder (with config.json), gpt2 .. gpt2-xl, or hf:org/name")
-        try:
-            folder = pretrained_folder(init_from)
-            model = from_pretrained(folder).to(device)
-        except PretrainedError as e:
-            raise UserError(str(e)) from None
-        tok = hf_tokenizer(folder, model.config.model_type)
-    return model.to(getattr(torch, dtype)).eval(), tok
-
-
-# ----------------------------------------------------------------------------------------------------------
 # turning tokens into text
 
 def unescape(text):
@@ -198,39 +74,6 @@ def unescape(text):
 
 def stop_strings(cfg):
     return [unescape(cfg.stop)] if cfg.stop else []
-
-
-def stream_text(steps, tok, stop=(), row=0):
-    """The text of one row of generate_stream as it comes, in pieces. The end-of-text token is not shown, the
-    bytes of a character split over tokens wait for the rest, and text that may start a stop string waits
-    until it does not; generation's text ends before the stop string."""
-    eos = set([tok.eos_id] if isinstance(tok.eos_id, int) else tok.eos_id or [])
-    # Linear time: only the ids since the text was last all shown (nothing held back) are decoded again. A stop
-    # string cannot start before that point, or its first characters would have been held back. The window is
-    # decoded with one token before it, whose own text is cut off, so SentencePiece's leading spaces come out
-    # right.
-    ids, base, shown, text = [], 0, 0, ''  # text: of ids[base:]; shown: how much of it was yielded
-    for step in steps:
-        t = step[row]
-        if t is None or t in eos:
-            break
-        ids.append(t)
-        text = tok.decode(ids[base - 1:])[len(tok.decode(ids[base - 1:base])):] if base else tok.decode(ids)
-        hits = [text.find(s) for s in stop if s in text]
-        if hits:
-            yield text[shown:min(hits)]
-            return
-        ready = text[:len(text) - text.endswith('\ufffd')]  # an incomplete UTF-8 character shows as U+FFFD
-        end = len(ready)
-        for s in stop:  # hold back a tail that could grow into a stop string (also across a pending character)
-            end = min(end, next((len(ready) - k for k in range(len(s) - 1, 0, -1) if ready.endswith(s[:k])), end))
-        if end > shown:
-            yield text[shown:end]
-            shown = end
-        if shown == len(text):  # all shown: the next window starts here
-            base, shown, text = len(ids), 0, ''
-    if len(text) > shown:
-        yield text[shown:]
 
 
 def finish(ids, tok, stop, max_new_tokens):
@@ -249,58 +92,6 @@ def gen_options(cfg, tok):
 
 # ----------------------------------------------------------------------------------------------------------
 # chat
-
-class ChatFormat:
-    """How a model writes a conversation: its own chat template run as Jinja, exactly as transformers'
-    apply_chat_template runs it (SmolLM2's adds a default system prompt, Llama 3's a date line), or for a model
-    without a template, plain 'User: ...' / 'Assistant: ...' turns."""
-    SENTINEL = '\x00reply\x00'  # an assistant message no one writes, to find where a reply ends in the template
-
-    def __init__(self, tok):
-        template, self.bpe = tok.chat_template, getattr(tok, 'bpe', None)
-        self.template = template if template and self.bpe is not None else None
-        self.name = 'template' if self.template else 'plain'
-        self.stop = ['\nUser:']  # what ends a reply beyond the end-of-text ids
-        if self.template:  # the text the template puts after a reply: '<|im_end|>' (ChatML), '<|eot_id|>' ...
-            _, after = self.reply([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': self.SENTINEL}])
-            self.stop = [after.removeprefix(self.SENTINEL).strip()] if after.startswith(self.SENTINEL) else []
-            self.stop = [s for s in self.stop if s]
-
-    def render(self, messages, add_generation_prompt):
-        try:
-            return self.bpe.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        except bpe.BPEError as e:
-            raise UserError(str(e)) from None
-
-    def prompt(self, messages):
-        """The text of a conversation ({'role', 'content'} dicts) that ends where the assistant's reply begins."""
-        if self.template:
-            return self.render(messages, add_generation_prompt=True)
-        turn = lambda m: f"{m['role'].capitalize()}: {m['content']}\n"  # noqa: E731
-        return ''.join(map(turn, messages)) + 'Assistant:'
-
-    def reply(self, messages):
-        """(prompt, response) of a conversation ending with the assistant's message: the response is its text as
-        the template writes it, with the end-of-turn marker, so fine-tuning learns to stop (finetune_lora.py)."""
-        prompt = self.prompt(messages[:-1])
-        if not self.template:
-            return prompt, ' ' + messages[-1]['content'] + '\n'
-        full = self.render(messages, add_generation_prompt=False)
-        if not full.startswith(prompt):
-            raise UserError("the model's chat template writes the conversation before a reply differently from "
-                            "its prompt for that reply, so the reply cannot be cut out for training")
-        return prompt, full[len(prompt):]
-
-
-def chat_style(tok):
-    """The ChatFormat of a load_model tokenizer."""
-    return ChatFormat(tok)
-
-
-def chat_prompt(messages, style):
-    """The text of a conversation that ends where the assistant's reply begins, in style (a ChatFormat)."""
-    return style.prompt(messages)
-
 
 def chat(model, tok, cfg):
     style = chat_style(tok)
@@ -346,32 +137,6 @@ def read_prompt(start):
         with open(path, encoding='utf-8', errors='replace') as f:
             return f.read()
     return start
-
-
-def read_json_records(path, what='the file'):
-    """A list of dicts from a JSON array or a JSONL file, with one-line errors that point at the bad line.
-    what names the file in errors (e.g. '--data')."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file '{path}' not found: give a JSON or JSONL file")
-    text, why = decode_file(path)
-    if text is None:
-        raise UserError(f"{what} file '{path}' {why}: give a JSON or JSONL file")
-    if text.lstrip().startswith('['):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-    if not records or not all(isinstance(r, dict) for r in records):
-        raise UserError(f"{path} must hold JSON objects (one per line, or an array of them), and at least one")
-    return records
 
 
 def read_prompts(path):
@@ -472,57 +237,6 @@ def sample(model, tok, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
 
-@torch.no_grad()
-def eval_tokens(model, ids, stride=0, batch_size=8):
-    """Perplexity and next-token accuracy over a token sequence, read in block_size windows that advance by
-    stride: each token is predicted once, and after the first window with at least block_size - stride
-    tokens of context (non-overlapping windows, stride = block_size, see less and score worse)."""
-    block, device = model.config.block_size, next(model.parameters()).device
-    stride = stride or max(1, block // 2)
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    if len(ids) < 2:
-        raise UserError("evaluation needs at least 2 tokens of text")
-    windows, done, start = [], 0, 0  # (first input, end of the inputs, targets before this are scored)
-    while done < len(ids) - 1:
-        end = min(start + block, len(ids) - 1)
-        windows.append((start, end, done))
-        done, start = end, start + stride
-    loss, correct, count = 0.0, 0, 0
-    for length in sorted({e - s for s, e, _ in windows}):  # equal lengths batch together
-        group = [w for w in windows if w[1] - w[0] == length]
-        for i in range(0, len(group), batch_size):
-            x = torch.stack([ids[s:e] for s, e, _ in group[i:i + batch_size]]).to(device)
-            y = torch.stack([torch.where(torch.arange(s + 1, e + 1) > d, ids[s + 1:e + 1], -100)
-                             for s, e, d in group[i:i + batch_size]]).to(device)
-            logits = model(x)[0].float()
-            loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction='sum').item()
-            correct += ((logits.argmax(-1) == y) & (y != -100)).sum().item()
-            count += (y != -100).sum().item()
-    return {'loss': loss / count, 'ppl': math.exp(loss / count), 'acc': correct / count, 'tokens': count}
-
-
-def eval_data_tokens(cfg, tok):
-    """Token ids to evaluate on: a text file through the model's tokenizer, or a split of a prepare.py folder
-    (which must have been made with the model's tokenizer)."""
-    path = cfg.eval_data
-    if os.path.isdir(path):
-        meta, data = load_data(path)
-        if cfg.eval_split not in data:
-            raise UserError(f"eval_split must be train or val, not '{cfg.eval_split}'")
-        if meta_tokenizer(meta).identity != tok.identity:
-            raise UserError(f"'{path}' was tokenized with {meta['tokenizer'].get('kind')}, not this model's "
-                            f"tokenizer: evaluate on a text file instead (--eval_data=FILE.txt)")
-        ids = [t for shard in data[cfg.eval_split] for t in shard[:cfg.max_eval_tokens or None].tolist()]
-    elif os.path.isfile(path):
-        text, why = decode_file(path)
-        if text is None:
-            raise UserError(f"'{path}' {why}: --eval_data takes a text file or a prepare.py folder")
-        ids = tok.encode(text)
-    else:
-        raise UserError(f"eval_data '{path}' not found: give a text file or a prepare.py folder")
-    return ids[:cfg.max_eval_tokens or None]
-
-
 def read_mc(path):
     """Multiple-choice items from JSONL: {"ctx" | "context", "endings" | "choices", "label" | "gold"}."""
     if not os.path.isfile(path):
@@ -595,6 +309,11 @@ def evaluate(model, tok, cfg):
 
 def main(argv):
     cfg = parse_config(SampleConfig, argv)
+    if cfg.out_dir:
+        if cfg.init_from not in (SampleConfig.init_from, cfg.out_dir):
+            raise UserError(f"give --init_from or --out_dir (nanoGPT's name for it), not both: {cfg.init_from!r} "
+                            f"and {cfg.out_dir!r}")
+        cfg.init_from = cfg.out_dir
     writable_file(cfg.output, 'output')
     writable_file(cfg.report, 'report')
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0 or cfg.top_k < 0 or cfg.batch_size < 1:

@@ -16,9 +16,8 @@ run stopped: the losses after a resume are bit for bit those of an uninterrupted
 
 Other scripts import from here: UserError, parse_config, the device/dtype helpers, checkpoint I/O.
 """
-import ast
 import contextlib
-import difflib
+import functools
 import hashlib
 import json
 import math
@@ -28,20 +27,22 @@ import re
 import sys
 import time
 import types
-import typing
+import unicodedata
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.nn import functional as F
 
+import bpe
+from configurator import (UserError, atomic_write, check_ranges, decode_file, parse_config, print_config, run_cli,
+                          tiktoken_encoding, writable_dir)
 from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, without a traceback."""
+from quantize import load_quantized
+from weights import GGUFError, PretrainedError, from_pretrained, model_from_gguf, pretrained_folder, read_gguf
 
 
 @dataclass
@@ -98,71 +99,6 @@ class TrainConfig:
 
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name in {g.name for g in fields(TrainConfig)}]
 
-# ----------------------------------------------------------------------------------------------------------
-# configuration: defaults < config files < --key=value, every key and type checked
-
-
-def _check_value(cls, key, value, source):
-    """Return value converted to the type of cls.key, or raise UserError naming the key."""
-    names = [f.name for f in fields(cls)]
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
-        raise UserError(f"unknown config key '{key}' ({source}){hint}")
-    typ = typing.get_type_hints(cls)[key]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # --learning_rate=1 means 1.0
-    if typ is bool and isinstance(value, str) and value.lower() in ('true', 'false'):
-        value = value.lower() == 'true'
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise UserError(f"config key '{key}' ({source}) must be {typ.__name__}, got {value!r} "
-                        f"({type(value).__name__}); e.g. --{key}={getattr(cls(), key)!r}")
-    return value
-
-
-def parse_config(cls, argv, base=None):
-    """A cls instance from defaults (or base), then config files, then --key=value, in the order given."""
-    cfg = base if base is not None else cls()
-    for arg in argv:
-        if arg.startswith('--'):
-            key, eq, raw = arg[2:].partition('=')
-            if not eq:
-                raise UserError(f"argument '{arg}' must look like --{key}=VALUE")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # a bare word is a string: --out_dir=out-x
-            if typing.get_type_hints(cls).get(key) is str and not isinstance(value, str):
-                value = raw  # --out_dir=123 is the string '123'
-            setattr(cfg, key, _check_value(cls, key, value, 'command line'))
-        else:
-            if not os.path.isfile(arg):
-                raise UserError(f"config file '{arg}' not found (config files are Python files; "
-                                f"overrides are written --key=value)")
-            namespace = {}
-            with open(arg) as f:
-                try:
-                    exec(compile(f.read(), arg, 'exec'), namespace)
-                except Exception as e:
-                    raise UserError(f"config file '{arg}' failed to run: {type(e).__name__}: {e}") from None
-            for key, value in namespace.items():
-                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                    continue
-                setattr(cfg, key, _check_value(cls, key, value, arg))
-    return cfg
-
-
-def check_ranges(cfg, positive=(), non_negative=(), fractions=()):
-    """One line naming the first key out of its range: positive ones > 0, non-negative ones >= 0 (0 means
-    'off' or 'default' for them), fractions in [0, 1)."""
-    for keys, ok, what in ((positive, lambda v: v > 0, '> 0'), (non_negative, lambda v: v >= 0, '>= 0'),
-                           (fractions, lambda v: 0 <= v < 1, 'in [0, 1)')):
-        for key in keys:
-            value = getattr(cfg, key)
-            if not ok(value) or value != value:  # value != value: NaN
-                raise UserError(f"{key} must be {what}, not {value!r}: e.g. --{key}={getattr(type(cfg)(), key)!r}")
-
-
 def check_train_config(cfg):
     check_ranges(cfg, positive=('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
                                 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
@@ -177,48 +113,6 @@ def check_train_config(cfg):
         raise UserError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}): the decay would raise it")
     writable_dir(cfg.out_dir, 'out_dir')
 
-
-def writable_dir(path, key):
-    """One line when path cannot become a folder: a file is there already, or where a parent folder should be."""
-    if not path:
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{key}='{path}' is a file, not a folder: pick another --{key}")
-    _parent_folders(path, key)
-
-
-def writable_file(path, key):
-    """One line when path cannot be written as a file: a folder is there, or a file where a parent should be."""
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise UserError(f"{key}='{path}' is a folder: give a file name, e.g. --{key}={os.path.join(path, 'out.json')}")
-    _parent_folders(os.path.dirname(os.path.abspath(path)), key, path)
-
-
-def _parent_folders(folder, key, path=None):
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{key}='{path or folder}' lies under '{folder}', which is a file, not a folder")
-
-
-def print_config(cfg):
-    changed = {k: v for k, v in asdict(cfg).items() if v != getattr(type(cfg)(), k)}
-    print('config (changed from defaults): ' + (', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'none'))
-
-
-def run_cli(main):
-    """Run main(argv), printing a UserError as one line on stderr and exiting with status 2."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('\ninterrupted', file=sys.stderr)
-        sys.exit(130)
 
 # ----------------------------------------------------------------------------------------------------------
 # devices and precision
@@ -358,9 +252,8 @@ def get_lr(it, cfg):
 
 def save_checkpoint(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, 'wb') as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path, map_location='cpu', trust=False, mmap=False):
@@ -444,6 +337,325 @@ def truncate_metrics(path, last_iter):
     with open(path + '.tmp', 'w') as f:
         f.writelines(keep)
     os.replace(path + '.tmp', path)
+
+# ----------------------------------------------------------------------------------------------------------
+# the one loader: a model and its tokenizer from any source (train.py's ckpt.pt, a quantize.py checkpoint, a
+# Hugging Face folder or Hub name, a GGUF file); every tokenizer has encode, decode, eos_id and chat_template
+
+def bpe_from_text(text, where):
+    try:
+        return bpe.Tokenizer.loads(text, where)
+    except bpe.BPEError as e:
+        raise UserError(str(e)) from None
+
+
+def load_tokenizer(meta):
+    """encode(str) -> list[int] and decode(list[int]) -> str for a dataset's meta.json dict."""
+    tok = meta.get('tokenizer') or {}
+    if tok.get('kind') == 'char':
+        chars = tok['chars']
+        stoi = {c: i for i, c in enumerate(chars)}
+
+        def encode(s):
+            for c in s:
+                if c not in stoi:
+                    raise UserError(f"character {c!r} is not in this dataset's vocabulary of {len(chars)} "
+                                    f"characters; leave it out of the prompt")
+            return [stoi[c] for c in s]
+
+        def decode(ids):  # a model's vocabulary may be padded past the data's: show those ids as U+FFFD
+            return ''.join(chars[i] if 0 <= i < len(chars) else '\ufffd' for i in ids)
+        return encode, decode
+    if tok.get('kind') == 'tiktoken':
+        enc = tiktoken_encoding(tok['name'])
+        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}),
+                lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'))
+    if tok.get('kind') == 'bpe':
+        if 'model' not in tok:  # train.load_data and prepare_stream put the file's text here
+            raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
+                            "train.load_data, or sample from a checkpoint written by train.py")
+        bpe_tok = bpe_from_text(tok['model'], 'the bpe tokenizer in meta')
+        vocab = bpe_tok.vocab
+        try:
+            encode = functools.partial(bpe_tok.to_tiktoken().encode, allowed_special='all')
+        except bpe.BPEError:  # SentencePiece-style (a model fine-tuned from Llama 2): bpe.py's own encoder
+            encode = functools.partial(bpe_tok.encode, allowed_special='all')
+        return encode, lambda ids: bpe_tok.decode([i for i in ids if i in vocab])  # a padded vocabulary's ids
+    raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
+
+
+def tiktoken_tokenizer(name):
+    enc = tiktoken_encoding(name)
+    return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
+                           decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
+                           identity=json.dumps('tiktoken'), chat_template=None, bpe=None,
+                           meta={'kind': 'tiktoken', 'name': name})
+
+
+def meta_tokenizer(meta):
+    """The tokenizer prepare.py recorded in a checkpoint's meta, with its end-of-text id when it has one."""
+    tok = meta.get('tokenizer') or {}
+    if tok.get('kind') == 'tiktoken':
+        return tiktoken_tokenizer(tok['name'])
+    ident = {'chars': tok.get('chars')} if tok.get('kind') == 'char' else bpe.tokenizer_identity(tok)  # vocab and order
+    if tok.get('kind') == 'bpe':  # ours, or one a fine-tuned model kept from a tokenizer.json or GGUF
+        out = bpe_tokenizer(bpe_from_text(tok['model'], 'the checkpoint'))
+        out.meta, out.identity, out.eos_id = tok, json.dumps(ident, sort_keys=True), tok.get('eos_id', out.eos_id)
+        out.chat_template = tok.get('chat_template', out.chat_template)
+        return out
+    encode, decode = load_tokenizer(meta)
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id'), meta=tok, bpe=None,
+                           chat_template=tok.get('chat_template'), identity=json.dumps(ident, sort_keys=True))
+
+
+def hf_tokenizer(folder, model_type):
+    """GPT-2 uses tiktoken's encoding; the others their tokenizer.json (byte-level or SentencePiece-style BPE)."""
+    if model_type == 'gpt':
+        return tiktoken_tokenizer('gpt2')
+    if not os.path.isfile(os.path.join(folder, 'tokenizer.json')):
+        raise UserError(f"'{folder}' has no tokenizer.json, so its text cannot be encoded")
+    try:
+        return bpe_tokenizer(bpe.Tokenizer.from_hf(folder))
+    except bpe.BPEError as e:
+        raise UserError(str(e)) from None
+
+
+def bpe_tokenizer(tok):
+    """The tokenizer interface of load_model for a bpe.Tokenizer read from a tokenizer.json or a GGUF file."""
+    eos = list(dict.fromkeys(i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'),
+                                         tok.special_tokens.get('<|eot_id|>')) if i is not None))
+    encode = lambda s: tok.encode(s, allowed_special='all')  # noqa: E731
+    try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
+        enc = tok.to_tiktoken()
+        norm = (lambda s: unicodedata.normalize(tok.normalizer, s)) if tok.normalizer else (lambda s: s)
+        encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
+    except bpe.BPEError:
+        pass
+    text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
+    meta = {'kind': 'bpe', 'model': text, 'sha256': hashlib.sha256(text.encode()).hexdigest(), 'eos_id': eos,
+            'chat_template': tok.chat_template}
+    decode = lambda ids: tok.decode([i for i in ids if i in tok.vocab])  # noqa: E731  (a padded vocabulary's)
+    # bos_id: the id a plain prompt starts with when the model expects it (add_bos_token); a chat template writes it
+    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
+                           identity=json.dumps(bpe.tokenizer_identity(meta), sort_keys=True), bpe=tok,
+                           bos_id=tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
+
+
+def is_gguf(path):
+    """A .gguf path (which must then exist), or any file that starts with GGUF's magic."""
+    if path.endswith('.gguf') and not os.path.isfile(path):
+        raise UserError(f"no GGUF file at '{path}'")
+    with contextlib.suppress(OSError):
+        with open(path, 'rb') as f:
+            return f.read(4) == b'GGUF'
+    return False
+
+
+def load_model(init_from, device='cpu', dtype='float32', trust=False):
+    """(model in eval mode with its weights in dtype, tokenizer) from anything init_from names (see above).
+    The tokenizer has encode(str), decode(ids), eos_id (an int, a list or None) and chat_template. trust: load
+    a ckpt.pt that needs pickle (train.load_checkpoint)."""
+    if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        path = os.path.join(init_from, 'ckpt.pt')
+        ckpt = load_checkpoint(path, map_location=device, trust=trust)
+        if isinstance(ckpt, dict) and 'quantization' in ckpt:  # written by quantize.py
+            try:
+                model = load_quantized(ckpt).to(device)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"'{path}' is a damaged quantized checkpoint ({type(e).__name__}: "
+                                f"{' '.join(str(e).split()[:40])})") from None
+        else:
+            model = model_from_checkpoint(ckpt, device, f"'{path}'")
+        if not (ckpt.get('meta') or {}).get('tokenizer'):
+            raise UserError(f"the checkpoint in '{init_from}' has no tokenizer metadata (was it a dry run?)")
+        tok = meta_tokenizer(ckpt['meta'])
+    elif is_gguf(init_from):
+        try:
+            g = read_gguf(init_from)
+            model = model_from_gguf(g).to(device)
+            tok = bpe_tokenizer(bpe.Tokenizer.from_gguf(g.metadata, where=init_from))
+        except (GGUFError, PretrainedError, bpe.BPEError) as e:
+            raise UserError(str(e)) from None
+    else:
+        if os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, 'config.json')):
+            raise UserError(f"no checkpoint at '{init_from}': init_from takes a train.py out_dir (with ckpt.pt), "
+                            f"a Hugging Face model folder (with config.json), gpt2 .. gpt2-xl, or hf:org/name")
+        try:
+            folder = pretrained_folder(init_from)
+            model = from_pretrained(folder).to(device)
+        except PretrainedError as e:
+            raise UserError(str(e)) from None
+        tok = hf_tokenizer(folder, model.config.model_type)
+    return model.to(getattr(torch, dtype)).eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text out of a model: streaming with stop strings, and chat formats
+
+def stream_text(steps, tok, stop=(), row=0):
+    """The text of one row of generate_stream as it comes, in pieces. The end-of-text token is not shown, the
+    bytes of a character split over tokens wait for the rest, and text that may start a stop string waits
+    until it does not; generation's text ends before the stop string."""
+    eos = set([tok.eos_id] if isinstance(tok.eos_id, int) else tok.eos_id or [])
+    # Linear time: only the ids since the text was last all shown (nothing held back) are decoded again. A stop
+    # string cannot start before that point, or its first characters would have been held back. The window is
+    # decoded with one token before it, whose own text is cut off, so SentencePiece's leading spaces come out
+    # right.
+    ids, base, shown, text = [], 0, 0, ''  # text: of ids[base:]; shown: how much of it was yielded
+    for step in steps:
+        t = step[row]
+        if t is None or t in eos:
+            break
+        ids.append(t)
+        text = tok.decode(ids[base - 1:])[len(tok.decode(ids[base - 1:base])):] if base else tok.decode(ids)
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            yield text[shown:min(hits)]
+            return
+        ready = text[:len(text) - text.endswith('\ufffd')]  # an incomplete UTF-8 character shows as U+FFFD
+        end = len(ready)
+        for s in stop:  # hold back a tail that could grow into a stop string (also across a pending character)
+            end = min(end, next((len(ready) - k for k in range(len(s) - 1, 0, -1) if ready.endswith(s[:k])), end))
+        if end > shown:
+            yield text[shown:end]
+            shown = end
+        if shown == len(text):  # all shown: the next window starts here
+            base, shown, text = len(ids), 0, ''
+    if len(text) > shown:
+        yield text[shown:]
+
+
+class ChatFormat:
+    """How a model writes a conversation: its own chat template run as Jinja, exactly as transformers'
+    apply_chat_template runs it (SmolLM2's adds a default system prompt, Llama 3's a date line), or for a model
+    without a template, plain 'User: ...' / 'Assistant: ...' turns."""
+    SENTINEL = '\x00reply\x00'  # an assistant message no one writes, to find where a reply ends in the template
+
+    def __init__(self, tok):
+        template, self.bpe = tok.chat_template, getattr(tok, 'bpe', None)
+        self.template = template if template and self.bpe is not None else None
+        self.name = 'template' if self.template else 'plain'
+        self.stop = ['\nUser:']  # what ends a reply beyond the end-of-text ids
+        if self.template:  # the text the template puts after a reply: '<|im_end|>' (ChatML), '<|eot_id|>' ...
+            _, after = self.reply([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': self.SENTINEL}])
+            self.stop = [after.removeprefix(self.SENTINEL).strip()] if after.startswith(self.SENTINEL) else []
+            self.stop = [s for s in self.stop if s]
+
+    def render(self, messages, add_generation_prompt):
+        try:
+            return self.bpe.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except bpe.BPEError as e:
+            raise UserError(str(e)) from None
+
+    def prompt(self, messages):
+        """The text of a conversation ({'role', 'content'} dicts) that ends where the assistant's reply begins."""
+        if self.template:
+            return self.render(messages, add_generation_prompt=True)
+        turn = lambda m: f"{m['role'].capitalize()}: {m['content']}\n"  # noqa: E731
+        return ''.join(map(turn, messages)) + 'Assistant:'
+
+    def reply(self, messages):
+        """(prompt, response) of a conversation ending with the assistant's message: the response is its text as
+        the template writes it, with the end-of-turn marker, so fine-tuning learns to stop (finetune_lora.py)."""
+        prompt = self.prompt(messages[:-1])
+        if not self.template:
+            return prompt, ' ' + messages[-1]['content'] + '\n'
+        full = self.render(messages, add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise UserError("the model's chat template writes the conversation before a reply differently from "
+                            "its prompt for that reply, so the reply cannot be cut out for training")
+        return prompt, full[len(prompt):]
+
+
+def chat_style(tok):
+    """The ChatFormat of a load_model tokenizer."""
+    return ChatFormat(tok)
+
+
+def chat_prompt(messages, style):
+    """The text of a conversation that ends where the assistant's reply begins, in style (a ChatFormat)."""
+    return style.prompt(messages)
+
+
+def read_json_records(path, what='the file'):
+    """A list of dicts from a JSON array or a JSONL file, with one-line errors that point at the bad line.
+    what names the file in errors (e.g. '--data')."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file '{path}' not found: give a JSON or JSONL file")
+    text, why = decode_file(path)
+    if text is None:
+        raise UserError(f"{what} file '{path}' {why}: give a JSON or JSONL file")
+    if text.lstrip().startswith('['):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path} must hold JSON objects (one per line, or an array of them), and at least one")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation of a model on text: perplexity and next-token accuracy
+
+@torch.no_grad()
+def eval_tokens(model, ids, stride=0, batch_size=8):
+    """Perplexity and next-token accuracy over a token sequence, read in block_size windows that advance by
+    stride: each token is predicted once, and after the first window with at least block_size - stride
+    tokens of context (non-overlapping windows, stride = block_size, see less and score worse)."""
+    block, device = model.config.block_size, next(model.parameters()).device
+    stride = stride or max(1, block // 2)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if len(ids) < 2:
+        raise UserError("evaluation needs at least 2 tokens of text")
+    windows, done, start = [], 0, 0  # (first input, end of the inputs, targets before this are scored)
+    while done < len(ids) - 1:
+        end = min(start + block, len(ids) - 1)
+        windows.append((start, end, done))
+        done, start = end, start + stride
+    loss, correct, count = 0.0, 0, 0
+    for length in sorted({e - s for s, e, _ in windows}):  # equal lengths batch together
+        group = [w for w in windows if w[1] - w[0] == length]
+        for i in range(0, len(group), batch_size):
+            x = torch.stack([ids[s:e] for s, e, _ in group[i:i + batch_size]]).to(device)
+            y = torch.stack([torch.where(torch.arange(s + 1, e + 1) > d, ids[s + 1:e + 1], -100)
+                             for s, e, d in group[i:i + batch_size]]).to(device)
+            logits = model(x)[0].float()
+            loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction='sum').item()
+            correct += ((logits.argmax(-1) == y) & (y != -100)).sum().item()
+            count += (y != -100).sum().item()
+    return {'loss': loss / count, 'ppl': math.exp(loss / count), 'acc': correct / count, 'tokens': count}
+
+
+def eval_data_tokens(cfg, tok):
+    """Token ids to evaluate on: a text file through the model's tokenizer, or a split of a prepare.py folder
+    (which must have been made with the model's tokenizer)."""
+    path = cfg.eval_data
+    if os.path.isdir(path):
+        meta, data = load_data(path)
+        if cfg.eval_split not in data:
+            raise UserError(f"eval_split must be train or val, not '{cfg.eval_split}'")
+        if meta_tokenizer(meta).identity != tok.identity:
+            raise UserError(f"'{path}' was tokenized with {meta['tokenizer'].get('kind')}, not this model's "
+                            f"tokenizer: evaluate on a text file instead (--eval_data=FILE.txt)")
+        ids = [t for shard in data[cfg.eval_split] for t in shard[:cfg.max_eval_tokens or None].tolist()]
+    elif os.path.isfile(path):
+        text, why = decode_file(path)
+        if text is None:
+            raise UserError(f"'{path}' {why}: --eval_data takes a text file or a prepare.py folder")
+        ids = tok.encode(text)
+    else:
+        raise UserError(f"eval_data '{path}' not found: give a text file or a prepare.py folder")
+    return ids[:cfg.max_eval_tokens or None]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation

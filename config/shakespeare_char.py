@@ -1,6 +1,6 @@
 # The quick start: a character-level model of Tiny Shakespeare that reaches val loss ~1.52 in about 9.5 minutes
 # on 2 CPU cores (bf16 autocast), or well under a minute on a GPU.
-# python prepare.py && python train.py config/shakespeare_char.py && python sample.py --out_dir=out-shakespeare-char
+# python prepare.py && python train.py config/shakespeare_char.py && python sample.py --init_from=out-shakespeare-char
 #
 # Why LLaMA-style: with the same shape and budget (6 layers, 256 wide, 1,400 iterations, ~9 minutes here) the
 # GPT-2 architecture reached val loss 1.60 and this one 1.53: rotary positions need no learning, and SwiGLU and

@@ -1,4 +1,5 @@
-"""Tests for bpe.py: training against a recount-per-merge reference, round trips, tiktoken parity, errors.
+"""Tests for bpe.py: training against the recount-per-merge reference (train_ranks_naive), round trips,
+tiktoken parity, errors.
 
     python -m pytest tests/test_bpe.py -q
 """
@@ -36,33 +37,6 @@ def every_plane_text(n=40, seed=0):
             if not 0xD800 <= c < 0xE000:
                 chars.append(chr(c))
     return ''.join(chars)
-
-
-def recount_train(chunk_counts, n_tokens):
-    """The reference: minbpe's algorithm (recount every pair after every merge) on weighted unique chunks."""
-    tokens = [bytes([i]) for i in range(256)]
-    ranks = {t: i for i, t in enumerate(tokens)}
-    words = [(list(chunk), n) for chunk, n in chunk_counts.items()]
-    while len(tokens) < n_tokens:
-        counts = {}
-        for word, n in words:
-            for pair in zip(word, word[1:]):
-                counts[pair] = counts.get(pair, 0) + n
-        if not counts:
-            break
-        a, b = min(counts, key=lambda p: (-counts[p], p))
-        token = tokens[a] + tokens[b]
-        if token not in ranks:
-            ranks[token] = len(tokens)
-            tokens.append(token)
-        z = ranks[token]
-        for word, _ in words:
-            i = 0
-            while i < len(word) - 1:
-                if word[i] == a and word[i + 1] == b:
-                    word[i:i + 2] = [z]
-                i += 1
-    return ranks
 
 
 def read(*parts):
@@ -119,7 +93,32 @@ def test_incremental_training_equals_recounting(shakespeare, pattern):
     text = shakespeare[:2000 if pattern == WHOLE else 30_000] + ' aaaa aaaaaaa ababab bbbbb' * 50  # runs where
     # the merged pair overlaps itself
     counts = {c.encode(): n for c, n in bpe.count_chunks([[text]], pattern).items()}
-    assert bpe.train_ranks(counts, 700) == recount_train(counts, 700)
+    assert bpe.train_ranks(counts, 700) == bpe.train_ranks_naive(counts, 700)
+
+
+def tie_text():
+    """Unicode, digits, whitespace runs, lone surrogates, and ties: pairs met in the opposite order to their ids."""
+    ties = 'zy xw vu zy xw vu ' * 7 + 'qqqq pppp ' * 5 + 'ba ab ' * 6  # many pairs share a count
+    spaces = ' \t \n\n\n   \r\n  ' * 5
+    return ties + ' '.join(TRICKY) * 3 + '123 4567 89012345 3.14159 ' * 4 + spaces + 'x\ud800 x\udfff' * 4
+
+
+@pytest.mark.parametrize('which', ['shakespeare', 'tricky'])
+def test_naive_trainer_gives_the_same_merges(shakespeare, which):
+    text = shakespeare[:20_000] if which == 'shakespeare' else tie_text()
+    naive = bpe.train_ranks_naive(text, 400)
+    fast = bpe.train(text, 400, special_tokens=(), progress=False).ranks
+    assert sorted(naive, key=naive.get) == sorted(fast, key=fast.get)  # the same merges, in the same order
+    assert naive == fast and len(fast) == 400
+    if which == 'tricky':  # the first merges are ties: the smallest (left, right) wins, not the pair met first
+        counts = {}
+        for chunk, n in bpe.count_chunks([[text]], 'gpt4').items():
+            bpe.count_pairs(list(chunk.encode('utf-8', 'replace')), counts, n)
+        assert counts[ord('q'), ord('q')] == counts[ord('p'), ord('p')] == 15  # qq is met first, pp wins
+        merges = sorted(fast, key=fast.get)[256:]
+        assert merges.index(b'pp') < merges.index(b'qq') and merges.index(b' xw') < merges.index(b' zy')
+        assert bpe.train_ranks_naive(text, 400, min_frequency=3) == bpe.train(
+            text, 400, special_tokens=(), min_frequency=3, progress=False).ranks
 
 
 def test_training_is_deterministic_and_independent_of_input_order(shakespeare):

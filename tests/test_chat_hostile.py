@@ -190,8 +190,8 @@ def test_health_and_pages_need_no_key_and_the_pages_send_it(keyed):
     for path in ('/', '/train'):
         status, headers, page, _ = raw(keyed, f'GET {path} HTTP/1.1\nHost: 127.0.0.1')
         assert status == 200 and headers['X-Frame-Options'] == 'DENY'
-        assert b"Authorization:'Bearer '+key" in page and b"prompt('API key')" in page and b'r.status==401' in page
-    assert b"fetch('/api/metrics',{headers:key" in raw(keyed, 'GET /train HTTP/1.1\nHost: 127.0.0.1')[2]
+        assert b"Authorization: 'Bearer ' + key" in page and b"prompt('API key')" in page and b'r.status == 401' in page
+    assert b"fetch('/api/metrics', {headers: key" in raw(keyed, 'GET /train HTTP/1.1\nHost: 127.0.0.1')[2]
 
 
 # ----------------------------------------------------------------------------------------------------------

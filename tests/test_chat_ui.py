@@ -252,6 +252,16 @@ def test_training_metrics_and_pages(server):
             page = r.read()
         assert marker in page or path == '/train'
         assert b'http://' not in page and b'https://' not in page  # nothing from a CDN
+        file = chat_ui.PAGES['chat' if path == '/' else 'train']
+        with open(os.path.join(os.path.dirname(chat_ui.__file__), file), 'rb') as f:
+            assert page == f.read()  # served byte for byte as the file holds it
+
+
+def test_a_missing_page_file_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(chat_ui.PAGES, 'train', 'no_such_page.html')
+    with pytest.raises(chat_ui.UserError, match=r'train page \S*no_such_page\.html') as e:
+        chat_ui.load_pages()
+    assert '\n' not in str(e.value)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import finetune_lora
 import sample
 from conftest import shared_file
 from train import UserError
+import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +54,9 @@ def losses(out, key='loss'):
 
 
 def test_response_only_targets():
-    tok = sample.tiktoken_tokenizer('gpt2')
+    tok = train.tiktoken_tokenizer('gpt2')
     rec = {'instruction': 'Say hi.', 'input': '', 'output': 'Hi there.'}
-    style = sample.chat_style(tok)
+    style = train.chat_style(tok)
     (ids, tgt), = finetune_lora.encode_sft([rec], tok, 256, 'alpaca', style, 'x')[0]
     prompt, response = finetune_lora.sft_texts(rec, 'alpaca', style, 'x')
     p = tok.encode(prompt)
@@ -71,7 +72,7 @@ def test_sft_learns_and_merged_checkpoint_samples(base, instruct, tmp_path, mode
     finetune_lora.main(args(base, instruct, out, mode=mode, lora_targets='all', max_iters=60, eval_interval=30))
     train_losses = losses(out)
     assert train_losses[-1] < 0.75 * train_losses[0]  # it overfits a dozen examples
-    model, tok = sample.load_model(out)  # the merged model, as any checkpoint
+    model, tok = train.load_model(out)  # the merged model, as any checkpoint
     assert not any('lora' in n for n, _ in model.named_parameters())
     if mode != 'full':
         assert os.path.getsize(os.path.join(out, 'adapter.pt')) < os.path.getsize(os.path.join(out, 'ckpt.pt')) / 4
@@ -122,7 +123,7 @@ def test_lm_task_on_our_own_checkpoint(char_data, tmp_path):
                         '--batch_size=8', '--block_size=32', '--learning_rate=3e-3', '--device=cpu', '--dtype=float32'])
     before = json.loads(open(os.path.join(base, 'metrics.jsonl')).read().splitlines()[-1])['val_loss']
     assert losses(out, 'val_loss')[-1] < before  # adapters on attention alone keep improving it
-    model, tok = sample.load_model(out)
+    model, tok = train.load_model(out)
     assert tok.decode(model.generate([tok.encode('ROMEO:')], 5, temperature=0)[0]).startswith('ROMEO:')
 
 
@@ -195,7 +196,7 @@ def test_decoder_classification_reads_the_last_real_token(base, tmp_path, mode):
                         '--lora_dropout=0.0', '--device=cpu', '--dtype=float32', '--val_fraction=0.2'])
     report = json.load(open(os.path.join(out, 'eval.json')))
     assert report['labels'] == ['neg', 'pos'] and report['accuracy'] >= 0.9 and report['macro_f1'] >= 0.9
-    model, tok = sample.load_model(out)  # the merged checkpoint keeps its 2-class head (no bias, as HF's score)
+    model, tok = train.load_model(out)  # the merged checkpoint keeps its 2-class head (no bias, as HF's score)
     assert model.classifier.out_features == 2 and model.classifier.bias is None
     a, b = tok.encode('good fair sweet'), tok.encode('foul vile base cruel foul')
     x = torch.full((2, len(b)), 0)

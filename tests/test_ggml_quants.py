@@ -10,7 +10,7 @@ gguf = pytest.importorskip('gguf')
 import gguf.quants as gq
 from gguf import GGMLQuantizationType as T
 
-import ggml_quants as G
+import weights as G
 from conftest import shared_file
 
 MODEL = ('models', 'SmolLM2-135M-Instruct.Q4_1.gguf')

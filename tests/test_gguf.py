@@ -10,8 +10,9 @@ import torch
 import bpe
 import weights
 from conftest import shared_file
-from ggml_quants import GGUFError
-from model import ModelConfig, build_model, save_pretrained
+from weights import GGUFError
+from model import ModelConfig, build_model
+from weights import save_pretrained
 
 SMOLLM = ('models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
 

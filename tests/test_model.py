@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from model import (BERT, GPT, LLaMA, ModelConfig, apply_rope, build_model, configure_optimizers, flops_per_token,
-                   num_params, rope_cache)
+from model import BERT, GPT, LLaMA, ModelConfig, apply_rope, build_model, configure_optimizers, flops_per_token, num_params, rope_cache
 
 
 def tiny(model_type, **kw):

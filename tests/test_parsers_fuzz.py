@@ -22,8 +22,8 @@ import torch
 import bpe
 import weights
 from bpe import BPEError
-from ggml_quants import GGUFError
-from model import PretrainedError, load_pretrained_state, load_safetensors, save_safetensors
+from weights import GGUFError
+from weights import PretrainedError, load_pretrained_state, load_safetensors, save_safetensors
 
 # per fuzz test, whichever comes first; FUZZ_SCALE=20 FUZZ_SEED=1 (say) searches longer, and elsewhere
 SCALE, SEED = float(os.environ.get('FUZZ_SCALE', 1)), int(os.environ.get('FUZZ_SEED', 0))

@@ -17,6 +17,7 @@ import prepare
 import train
 from conftest import shared_file
 from train import UserError
+import configurator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOSED_PORT_URL = 'http://127.0.0.1:9/input.txt'  # the discard port: nothing listens, so connecting fails at once
@@ -39,7 +40,7 @@ def run(tmp_path, *args, out='out'):
     out_dir = tmp_path / out
     prepare.main([*args, f'--out_dir={out_dir}', f'--cache_dir={tmp_path / "cache"}'])
     meta, data = train.load_data(str(out_dir))  # the way train.py reads it
-    _, decode = prepare.load_tokenizer(meta)
+    _, decode = train.load_tokenizer(meta)
     return meta, decode(np.concatenate(data['train']).tolist()), decode(np.concatenate(data['val']).tolist())
 
 
@@ -71,7 +72,7 @@ def test_shakespeare_gpt2_matches_nanogpt(tmp_path, shakespeare, gpt2_offline):
 
 
 def test_pieces_do_not_change_gpt2_tokens(shakespeare, gpt2_offline):
-    enc = prepare.tiktoken_encoding('gpt2')
+    enc = configurator.tiktoken_encoding('gpt2')
     text = shakespeare[:50_000] + "\nx  \nY\n's\n \n\t\nend\n\n\nok\r\nz"
     for size in (1, 10, 1000):
         chunks = list(prepare.pieces(text, size))
@@ -283,7 +284,7 @@ def test_download_caches_and_prepares(tmp_path, server):
 
 
 def test_char_tokenizer():
-    encode, decode = prepare.load_tokenizer({'tokenizer': {'kind': 'char', 'chars': ['\n', ' ', 'a', 'b']}})
+    encode, decode = train.load_tokenizer({'tokenizer': {'kind': 'char', 'chars': ['\n', ' ', 'a', 'b']}})
     assert encode('ab a\n') == [2, 3, 1, 2, 0] and decode([2, 3, 1, 2, 0]) == 'ab a\n'
     with pytest.raises(UserError, match="character 'z' is not in"):
         encode('abz')
@@ -291,7 +292,7 @@ def test_char_tokenizer():
 
 
 def test_gpt2_tokenizer(gpt2_offline):
-    encode, decode = prepare.load_tokenizer({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
+    encode, decode = train.load_tokenizer({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
     assert encode('hello world') == [31373, 995]
     assert encode('a<|endoftext|>b')[1] == 50256
     assert decode(encode('héllo 🙂<|endoftext|>')) == 'héllo 🙂<|endoftext|>'
@@ -302,4 +303,4 @@ def test_gpt2_tokenizer(gpt2_offline):
 
 def test_unknown_tokenizer_kind():
     with pytest.raises(UserError, match='unknown tokenizer'):
-        prepare.load_tokenizer({'tokenizer': {'kind': 'sentencepiece'}})
+        train.load_tokenizer({'tokenizer': {'kind': 'sentencepiece'}})

@@ -23,6 +23,7 @@ import pytest
 import prepare
 from conftest import shared_file
 from train import UserError, load_data
+import configurator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = '<|endoftext|>'
@@ -185,7 +186,7 @@ def file_bytes(folder):
 
 
 def decode(tokens):
-    return prepare.tiktoken_encoding('gpt2').decode(tokens.tolist())
+    return configurator.tiktoken_encoding('gpt2').decode(tokens.tolist())
 
 # ----------------------------------------------------------------------------------------------------------
 # output

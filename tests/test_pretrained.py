@@ -13,8 +13,8 @@ import threading
 import pytest
 import torch
 
-from model import (ModelConfig, PretrainedError, build_model, from_pretrained, hf_download, load_pretrained_state,
-                   load_safetensors, save_pretrained, save_safetensors)
+from model import ModelConfig, build_model
+from weights import PretrainedError, from_pretrained, hf_download, load_pretrained_state, load_safetensors, save_pretrained, save_safetensors
 
 transformers = pytest.importorskip('transformers')
 

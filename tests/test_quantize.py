@@ -12,6 +12,7 @@ import quantize as Q
 import sample
 from model import ModelConfig, build_model
 from train import UserError
+import train
 
 
 def tiny(model_type, **kw):
@@ -143,11 +144,11 @@ def test_cli_report_and_checkpoint_that_sample_loads(char_run, char_data, tmp_pa
         assert {'size_bytes', 'val_ppl', 'tokens_per_sec', 'weight_bytes'} <= set(r[side])
     assert r['result']['size_bytes'] < 0.35 * r['original']['size_bytes']
     assert abs(r['result']['val_ppl'] / r['original']['val_ppl'] - 1) < 0.01
-    model, tok = sample.load_model(out)
+    model, tok = train.load_model(out)
     assert isinstance(model.lm_head, Q.Int8Linear)
     # sample.py's evaluation of the saved checkpoint gives the perplexity the report has
-    ids = sample.eval_data_tokens(sample.SampleConfig(eval_data=str(char_data), max_eval_tokens=3000), tok)
-    assert abs(sample.eval_tokens(model, ids, 0, 8)['ppl'] - r['result']['val_ppl']) < 1e-3
+    ids = train.eval_data_tokens(sample.SampleConfig(eval_data=str(char_data), max_eval_tokens=3000), tok)
+    assert abs(train.eval_tokens(model, ids, 0, 8)['ppl'] - r['result']['val_ppl']) < 1e-3
     sample.main([f'--init_from={out}', '--start=ROMEO:', '--max_new_tokens=5', '--num_samples=1', '--seed=1'])
 
 
@@ -183,6 +184,6 @@ def test_eval_refuses_a_char_dataset_with_another_vocabulary(char_run, tmp_path)
     other = tmp_path / 'other'
     (tmp_path / 'abc.txt').write_text('abcabcabd ' * 200)
     prepare.main(['--dataset=text', f"--input={tmp_path / 'abc.txt'}", '--tokenizer=char', f'--out_dir={other}'])
-    model, tok = sample.load_model(char_run)
+    model, tok = train.load_model(char_run)
     with pytest.raises(UserError, match='not this model'):
-        sample.eval_data_tokens(sample.SampleConfig(eval_data=str(other)), tok)
+        train.eval_data_tokens(sample.SampleConfig(eval_data=str(other)), tok)

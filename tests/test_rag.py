@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
 import rag
 from conftest import shared_file
 from train import UserError
+import train
 
 CORPUS = ["the cat sat on the mat", "the dog sat on the log and the dog barked",
           "cats and dogs are pets", "a mat is not a log", "the the the cat cat"]
@@ -57,7 +59,7 @@ def test_bm25_equals_the_textbook_formula(k1, b):
 
 def test_bm25_equals_rank_bm25():
     rank_bm25 = pytest.importorskip('rank_bm25')
-    texts = [open(p, encoding='utf-8').read()[:3000] for p in rag.list_files(shared_file('docs'))]
+    texts = [open(p, encoding='utf-8').read()[:3000] for p in configurator.list_files(shared_file('docs'), rag.EXTENSIONS)]
     idx = build(texts, idf='okapi')
     ref = rank_bm25.BM25Okapi([rag.terms(t) for t in texts], k1=1.5, b=0.75)
     for q in ['python packaging metadata', 'the pattern matching statement', 'generators yield from', 'the a']:
@@ -181,7 +183,7 @@ def test_links_that_leave_the_folder_or_loop_are_not_followed(tmp_path):
     os.symlink('a.txt', docs / 'again.txt')  # a second name for a file already indexed
     os.symlink('../a.txt', docs / 'sub' / 'inside.txt')
     for spec in (str(docs), str(docs / '**' / '*.txt'), str(docs) + '/*'):
-        files = rag.list_files(spec)
+        files = configurator.list_files(spec, rag.EXTENSIONS)
         assert sorted(os.path.relpath(f, docs) for f in files) == \
             (['a.txt', 'sub/b.md'] if spec == str(docs) else ['a.txt']), spec
     index = str(tmp_path / 'i')
@@ -244,7 +246,7 @@ def test_ask_streams_an_answer_and_the_prompt_fits_the_context(peps, tiny_gpt2, 
     assert 'cut from' in notes[0] or 'dropped' in notes[0]
     assert 'passages trimmed' in capsys.readouterr().err
     assert out.getvalue().startswith(answer) and '\n\nSources:\n[1] peps/' in out.getvalue()
-    tok = rag.load_model(tiny_gpt2)[1]
+    tok = train.load_model(tiny_gpt2)[1]
     prompt, _ = rag.build_prompt('What is the Zen of Python?', passages, tok, 128 - 16)
     assert len(tok.encode(prompt)) <= 128 - 16 and '[1] (peps/' in prompt
     with pytest.raises(UserError, match='the question alone takes'):

@@ -11,6 +11,7 @@ import torch
 
 import sample
 from conftest import shared_file
+import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRANCE = [{'role': 'user', 'content': 'What is the capital of France?'}]
@@ -20,7 +21,7 @@ PPL_TOKENS = 4096  # bench.py gguf measures 20k and more; here the ratio's noise
 @pytest.fixture(scope='module')
 def smollm():
     path = shared_file('models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
-    model, tok = sample.load_model(path)
+    model, tok = train.load_model(path)
     return path, model, tok
 
 
@@ -30,18 +31,18 @@ def run(script, *args, stdin=''):
 
 
 def greedy_reply(model, tok, messages, n=24):
-    ids = tok.encode(sample.chat_prompt(messages, sample.chat_style(tok)))
+    ids = tok.encode(train.chat_prompt(messages, train.chat_style(tok)))
     out = model.generate([ids], n, temperature=0, eos_id=tok.eos_id)[0][len(ids):]
     return tok.decode([t for t in out if t not in tok.eos_id])
 
 
 def test_chat_prompt_is_the_models_own_template(smollm):
     _, _, tok = smollm
-    prompt = sample.chat_prompt(FRANCE, sample.chat_style(tok))
+    prompt = train.chat_prompt(FRANCE, train.chat_style(tok))
     assert prompt == ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face'
                       '<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n'
                       '<|im_start|>assistant\n')
-    assert sample.chat_style(tok).stop == ['<|im_end|>'] and 2 in tok.eos_id
+    assert train.chat_style(tok).stop == ['<|im_end|>'] and 2 in tok.eos_id
 
 
 def test_greedy_chat_answers_paris_in_sample_py(smollm):
@@ -86,7 +87,7 @@ def test_lora_sft_lowers_held_out_loss_and_still_answers(smollm, tmp_path):
     with open(os.path.join(out, 'metrics.jsonl')) as f:
         val = [r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r]
     assert len(val) == 4 and val[-1] < 0.9 * val[0]  # after 2 steps, and after 8
-    model, tok = sample.load_model(out)  # the merged model, with the GGUF's tokenizer and chat template
+    model, tok = train.load_model(out)  # the merged model, with the GGUF's tokenizer and chat template
     assert tok.chat_template == smollm[2].chat_template
     assert 'Paris' in greedy_reply(model, tok, FRANCE)
 
@@ -99,13 +100,13 @@ def test_int8_and_int4_perplexity_stay_close(smollm):
     ids = torch.tensor(tok.encode(text)[:PPL_TOKENS])
     model = copy.deepcopy(model)
     model.config.block_size = 512  # windows of 512 side by side: the same windows for each model
-    base = sample.eval_tokens(model, ids, 512)['ppl']
+    base = train.eval_tokens(model, ids, 512)['ppl']
     # int4 in groups of 32: the file's Q4_1 blocks, which groups of 64 cannot hold (+37% there, see quantize.py's
     # note); its table, also the head, kept at 8 bits as it is in the file (4 bits would cost +5.6%)
     for scheme, group, table, bound in (('int8', 64, None, 0.005), ('int4', 32, 'int8', 0.05)):
         q = copy.deepcopy(model)
         quantize_model(q, scheme, group, table_scheme=table)
-        ppl = sample.eval_tokens(q, ids, 512)['ppl']
+        ppl = train.eval_tokens(q, ids, 512)['ppl']
         assert ppl <= base * (1 + bound), (scheme, ppl, base)
     assert 5 < base < 60  # a real language model on WikiText, not noise (vocabulary 49,152: noise is ~49k)
 

@@ -63,7 +63,7 @@ def refused(call, marker):
 def test_a_fresh_checkpoint_loads_weights_only(trained):
     ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
     assert {'model', 'optimizer', 'model_args', 'meta', 'config', 'rng'} <= set(ckpt)
-    model, _ = sample.load_model(str(trained))
+    model, _ = train.load_model(str(trained))
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -95,7 +95,7 @@ def test_payload_in_a_hugging_face_pytorch_model_bin(tmp_path):
     marker = str(tmp_path / 'pwned')
     torch.save({'transformer.wte.weight': torch.zeros(100, 16), 'hook': Payload(marker)}, folder / 'pytorch_model.bin')
     with pytest.raises(UserError, match='weights-only') as e:
-        sample.load_model(str(folder))
+        train.load_model(str(folder))
     assert '\n' not in str(e.value) and not os.path.exists(marker)
 
 
@@ -116,7 +116,7 @@ def test_old_checkpoint_loads_only_when_trusted(trained, tmp_path, capsys):
     torch.save({**ckpt, 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state()}},
                os.path.join(old, 'ckpt.pt'))
     with pytest.raises(UserError, match=r'numpy.*--trust_checkpoint=True'):
-        sample.load_model(old)
+        train.load_model(old)
     sample.main([f'--init_from={old}', '--max_new_tokens=3', '--num_samples=1', '--device=cpu',
                  '--trust_checkpoint=True'])
     assert 'loading' in capsys.readouterr().err  # the warning says pickle was used
@@ -144,9 +144,9 @@ def test_a_checkpoint_that_does_not_match_its_model_args(trained, tmp_path):
     ckpt['model'] = {k: v for i, (k, v) in enumerate(ckpt['model'].items()) if i % 2}
     torch.save(ckpt, os.path.join(folder, 'ckpt.pt'))
     with pytest.raises(UserError, match='does not match its model_args: .* missing') as e:
-        sample.load_model(folder)
+        train.load_model(folder)
     assert '\n' not in str(e.value)
     ckpt['model'] = 'not a dict'
     torch.save(ckpt, os.path.join(folder, 'ckpt.pt'))
     with pytest.raises(UserError, match='not a model checkpoint'):
-        sample.load_model(folder)
+        train.load_model(folder)

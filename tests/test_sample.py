@@ -14,6 +14,7 @@ import train
 from train import UserError
 
 from conftest import shared_file
+import configurator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def trained(char_data, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def loaded(trained):
-    return sample.load_model(str(trained), 'cpu', 'float32')
+    return train.load_model(str(trained), 'cpu', 'float32')
 
 
 def shakespeare():
@@ -50,6 +51,16 @@ def test_sample_from_a_fresh_checkpoint(trained):
     again = run(f'--init_from={trained}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=40', '--seed=1')
     strip = lambda s: [line for line in s.splitlines() if not line.startswith('-----')]  # noqa: E731 (timings)
     assert strip(again.stdout) == strip(p.stdout)  # the seed makes sampling repeatable
+
+
+def test_out_dir_is_nanogpts_name_for_init_from(trained, capsys):
+    args = ['--start=To be', '--num_samples=1', '--max_new_tokens=10', '--temperature=0', '--device=cpu']
+    sample.main([f'--init_from={trained}', *args])
+    want = capsys.readouterr().out
+    sample.main([f'--out_dir={trained}', *args])
+    assert capsys.readouterr().out.split('---')[0] == want.split('---')[0]
+    with pytest.raises(UserError, match='not both'):
+        sample.main([f'--out_dir={trained}', '--init_from=gpt2'])
 
 
 def test_greedy_stream_equals_batch_and_generate(trained, loaded, capsys):
@@ -129,7 +140,7 @@ def test_stream_text_is_exact_and_linear_on_real_tokens(monkeypatch):
         ids = [rng.randrange(enc.n_vocab) for _ in range(rng.randrange(1, 300))] if trial % 2 else text_ids
         stop = rng.choice([[], ['\n\n'], ['東京 🙂 naïve'], ['Stop here. Stop', 'é —']])
         decoded.clear()
-        got = ''.join(sample.stream_text(([t] for t in ids), tok, stop))
+        got = ''.join(train.stream_text(([t] for t in ids), tok, stop))
         full = enc.decode(ids, errors='replace')
         want = full[:min([full.find(s) for s in stop if s in full], default=len(full))]
         assert got == want, (trial, stop)
@@ -137,23 +148,23 @@ def test_stream_text_is_exact_and_linear_on_real_tokens(monkeypatch):
     sp = {1: 'Hello', 2: ' world', 3: ',', 4: ' again'}  # decode() drops the text's first leading space
     sp_tok = SimpleNamespace(decode=lambda ids: ''.join(sp[i] for i in ids).removeprefix(' '), eos_id=None)
     ids = [2, 1, 2, 3, 4, 2, 2]
-    assert ''.join(sample.stream_text(([t] for t in ids), sp_tok)) == sp_tok.decode(ids) == \
+    assert ''.join(train.stream_text(([t] for t in ids), sp_tok)) == sp_tok.decode(ids) == \
         'worldHello world, again world world'
 
 
 def test_stream_text_holds_back_stop_prefixes_and_cuts_at_stop():
     tok = fake_tok(eos=9)
     steps = [[t] for t in (1, 3, 2, 3, 3, 4)]
-    pieces = list(sample.stream_text(iter(steps), tok, ['\n\n']))
+    pieces = list(train.stream_text(iter(steps), tok, ['\n\n']))
     assert pieces == ['ab', '\nc', '']  # '\n' waits (it may start '\n\n'); the stop string is never shown
-    assert ''.join(sample.stream_text(iter([[1], [7], [2], [9], [4]]), tok)) == 'ab\ufffdc'  # EOS ends it
-    assert ''.join(sample.stream_text(iter([[1], [3], [None]]), tok, ['\n\n'])) == 'ab\n'  # flushed at the end
+    assert ''.join(train.stream_text(iter([[1], [7], [2], [9], [4]]), tok)) == 'ab\ufffdc'  # EOS ends it
+    assert ''.join(train.stream_text(iter([[1], [3], [None]]), tok, ['\n\n'])) == 'ab\n'  # flushed at the end
 
 
 def test_eval_counts_every_token_once_and_matches_the_model(loaded, trained):
     model, tok = loaded
     ids = tok.encode(shakespeare()[:201])
-    r = sample.eval_tokens(model, ids, stride=32)  # stride = block_size: plain non-overlapping windows
+    r = train.eval_tokens(model, ids, stride=32)  # stride = block_size: plain non-overlapping windows
     losses, hits = [], 0
     for s in range(0, len(ids) - 1, 32):
         x = torch.tensor([ids[s:s + 32]])
@@ -163,7 +174,7 @@ def test_eval_counts_every_token_once_and_matches_the_model(loaded, trained):
         hits += (logits.argmax(-1) == y).sum().item()
     assert r['tokens'] == len(ids) - 1
     assert r['loss'] == pytest.approx(sum(losses) / (len(ids) - 1), rel=1e-5) and r['acc'] == hits / (len(ids) - 1)
-    overlapped = sample.eval_tokens(model, ids, stride=8)  # more context per token: every token still once
+    overlapped = train.eval_tokens(model, ids, stride=8)  # more context per token: every token still once
     assert overlapped['tokens'] == len(ids) - 1 and overlapped['loss'] < r['loss']
     assert math.isclose(overlapped['ppl'], math.exp(overlapped['loss']))
 
@@ -229,7 +240,7 @@ def test_gpt2_folder_samples_what_transformers_generates(tmp_path, monkeypatch, 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                                               initializer_range=0.2)).eval()
     hf.save_pretrained(tmp_path)
-    enc = sample.tiktoken_encoding('gpt2')
+    enc = configurator.tiktoken_encoding('gpt2')
     ids = enc.encode('Hello, my name is')
     with torch.no_grad():
         expect = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0].tolist()
@@ -260,11 +271,11 @@ def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
     cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=tk.get_vocab_size(), max_position_embeddings=128)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
-    model, tok = sample.load_model(str(tmp_path))
-    style = sample.chat_style(tok)
+    model, tok = train.load_model(str(tmp_path))
+    style = train.chat_style(tok)
     assert style.name == 'template' and style.stop == ['<|im_end|>'] and tk.token_to_id('<|im_end|>') in tok.eos_id
     messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
-    text = sample.chat_prompt(messages, style)
+    text = train.chat_prompt(messages, style)
     assert text == '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
     assert tok.encode(text) == tk.encode(text).ids  # special tokens are single ids, as the tokenizer has them
     p = run(f'--init_from={tmp_path}', '--chat=True', '--system=Be brief.', '--max_new_tokens=5', '--temperature=0',
@@ -275,14 +286,13 @@ def test_chat_template_of_a_byte_level_bpe_model(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_packed_linears_give_the_same_logits_and_tokens(dtype):
-    from model import ModelConfig, build_model
+    from model import ModelConfig, PackedLinear, build_model, pack_linears
     torch.manual_seed(0)
     model = build_model(ModelConfig(model_type='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=97,
                                     block_size=64)).eval().to(dtype)
     x = torch.randint(0, 97, (2, 12))
     logits, greedy = model(x)[0], model.generate(x, 20, temperature=0)
-    sample.pack_linears(model)
-    from model import PackedLinear
+    pack_linears(model)
     assert all(type(m) is PackedLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(model(x)[0].float(), logits.float(), atol=tol, rtol=tol)
