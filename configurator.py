@@ -6,7 +6,7 @@ alone), so that prepare.py runs without torch and every script shares one way of
   (parse_config), ranges (check_ranges), output paths (writable_dir, writable_file);
 - errors: UserError is printed by run_cli as one line, without a traceback, with exit status 2;
 - files: atomic_write (a crash never leaves half a file), decode_file (UTF-8 text or why not), list_files (one
-  walker: a file, a folder or a glob, never following links out of it or around in loops), read_jsonl, and
+  walker: a file, a folder or a glob, never following links out of it or around in loops), jsonl_lines, and
   download (cached, resumable with HTTP Range requests).
 """
 import ast
@@ -169,15 +169,16 @@ def decode_file(path):
         return None, f'is not UTF-8 (bad byte at offset {e.start})'
 
 
-def read_jsonl(path):
-    """(line number, record) for each non-blank line of a JSONL file; UserError naming the line that is not JSON."""
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as e:
-                    raise UserError(f"{path}:{n} is not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
+def jsonl_lines(text, where, hint=''):
+    """(line number, record) for each non-blank line of a JSONL text; UserError '<where>:<n> is not valid JSON'
+    (where: the file's name) for a line that is not, with hint after it."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise UserError(f"{where}:{n} is not valid JSON ({getattr(e, 'msg', 'nested too deep')}){hint}") \
+                    from None
 
 
 def list_files(docs, extensions):

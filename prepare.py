@@ -364,22 +364,33 @@ def text_sha256(docs, kind):
     return h.hexdigest()
 
 
-def already_prepared(out_dir, expect):
-    """The existing meta.json if out_dir holds complete data made from the same text with the same settings."""
+def complete_meta(out_dir):
+    """out_dir's meta.json if every token file it lists has its size and the bpe tokenizer file its sha256, else
+    None (missing, damaged, cut short, or from another program). Both pipelines reuse data only on this."""
     try:
         with open(os.path.join(out_dir, 'meta.json')) as f:
             meta = json.load(f)
         itemsize = np.dtype(meta['dtype']).itemsize
-        sizes = [os.path.getsize(os.path.join(out_dir, f'{s}.bin')) for s in ('train', 'val')]
-        if sizes != [meta['train_tokens'] * itemsize, meta['val_tokens'] * itemsize]:
+        train = meta.get('train_shards') or [{'file': 'train.bin', 'tokens': meta['train_tokens']}]
+        files = [('val.bin', meta['val_tokens'])] + [(s['file'], s['tokens']) for s in train]
+        if any(os.path.getsize(os.path.join(out_dir, name)) != n * itemsize for name, n in files):
             return None
-        got = {**meta, 'tokenizer': bpe.tokenizer_identity(meta['tokenizer'])}
         if meta['tokenizer']['kind'] == 'bpe':
             with open(os.path.join(out_dir, meta['tokenizer']['file']), 'rb') as f:
                 if hashlib.sha256(f.read()).hexdigest() != meta['tokenizer']['sha256']:
                     return None
-    except (OSError, ValueError, KeyError, TypeError):  # missing, damaged or from another program
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    return meta
+
+
+def already_prepared(out_dir, expect):
+    """The existing meta.json if out_dir holds complete data made from the same text with the same settings
+    (the tokenizer compared by its identity: kind, and for bpe its file or training settings)."""
+    meta = complete_meta(out_dir)
+    if meta is None:
+        return None
+    got = {**meta, 'tokenizer': bpe.tokenizer_identity(meta['tokenizer'])}
     return meta if all(got.get(k) == v for k, v in expect.items()) else None
 
 
@@ -807,20 +818,8 @@ def add_source(path, pool, ahead, writer, hashes, docs, bar):
 
 def stream_already_prepared(out_dir, run):
     """The existing meta.json if out_dir holds complete data made with the same settings from the same shards."""
-    try:
-        with open(os.path.join(out_dir, 'meta.json')) as f:
-            meta = json.load(f)
-        files = [('val.bin', meta['val_tokens'])] + [(s['file'], s['tokens']) for s in meta['train_shards']]
-        itemsize = np.dtype(meta['dtype']).itemsize
-        if any(os.path.getsize(os.path.join(out_dir, name)) != n * itemsize for name, n in files):
-            return None
-        if meta['tokenizer']['kind'] == 'bpe':
-            with open(os.path.join(out_dir, meta['tokenizer']['file']), 'rb') as f:
-                if hashlib.sha256(f.read()).hexdigest() != meta['tokenizer']['sha256']:
-                    return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return meta if all(meta.get(k) == v for k, v in run.items()) else None
+    meta = complete_meta(out_dir)
+    return meta if meta is not None and all(meta.get(k) == v for k, v in run.items()) else None
 
 
 def prepare_stream(cfg):

@@ -26,7 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from configurator import UserError, decode_file, list_files, parse_config, run_cli, writable_dir, writable_file
+from configurator import (UserError, atomic_write, decode_file, jsonl_lines, list_files, parse_config, run_cli,
+                          writable_dir, writable_file)
 from train import chat_prompt, chat_style, load_checkpoint, load_model, read_json_records, resolve_device, stream_text
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
@@ -110,16 +111,14 @@ def read_documents(path, name):
     if not path.lower().endswith('.jsonl'):
         return [(name, text)], None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                return None, f"line {n} is not valid JSON ({e.msg})"
+    try:
+        for n, rec in jsonl_lines(text, 'line'):
             field = next((f for f in JSONL_FIELDS if isinstance(rec, dict) and isinstance(rec.get(f), str)), None)
             if field is None:
                 return None, f"line {n} has none of the text fields {', '.join(JSONL_FIELDS)}"
             out.append((f"{name}:{n}", rec[field]))
+    except UserError as e:  # a file that cannot be read is skipped and counted, not an error for the whole index
+        return None, str(e)
     return out, None
 
 
@@ -337,18 +336,17 @@ class Index:
         os.makedirs(folder, exist_ok=True)
         lens = np.array([len(x) for x in self.chunk_terms], dtype=np.int64)
 
-        def put(name, write):
-            tmp = os.path.join(folder, name + '.tmp')
-            write(tmp)
-            os.replace(tmp, os.path.join(folder, name))
-        put('terms.npz', lambda p: np.savez(open(p, 'wb'), lengths=lens,
-                                            terms=np.concatenate(self.chunk_terms) if self.chunks else lens,
-                                            tfs=np.concatenate(self.chunk_tfs) if self.chunks else lens))
+        def put(name, mode, write):
+            with atomic_write(os.path.join(folder, name), mode) as f:
+                write(f)
+        put('terms.npz', 'wb', lambda f: np.savez(f, lengths=lens,
+                                                  terms=np.concatenate(self.chunk_terms) if self.chunks else lens,
+                                                  tfs=np.concatenate(self.chunk_tfs) if self.chunks else lens))
         if self.dense is not None:
-            put('dense.npy', lambda p: np.save(open(p, 'wb'), self.dense))
-        put('chunks.jsonl', lambda p: open(p, 'w').write(''.join(json.dumps(c) + '\n' for c in self.chunks)))
-        put('index.json', lambda p: json.dump({'settings': self.settings, 'root': self.root, 'files': self.files,
-                                               'vocab': list(self.vocab)}, open(p, 'w')))
+            put('dense.npy', 'wb', lambda f: np.save(f, self.dense))
+        put('chunks.jsonl', 'w', lambda f: f.write(''.join(json.dumps(c) + '\n' for c in self.chunks)))
+        put('index.json', 'w', lambda f: json.dump({'settings': self.settings, 'root': self.root, 'files': self.files,
+                                                    'vocab': list(self.vocab)}, f))
 
     @classmethod
     def load(cls, folder):

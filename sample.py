@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from configurator import UserError, decode_file, parse_config, run_cli, writable_file
+from configurator import UserError, atomic_write, decode_file, jsonl_lines, parse_config, run_cli, writable_file
 from model import pack_linears
 from train import (chat_prompt, chat_style, eval_data_tokens, eval_tokens, load_model, resolve_device, resolve_dtype,
                    stream_text)
@@ -146,21 +146,15 @@ def read_prompts(path):
     text, why = decode_file(path)
     if text is None:
         raise UserError(f"prompts file '{path}' {why}: give a .txt or .jsonl file")
-    prompts = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if not path.endswith('.jsonl'):
-            prompts.append(unescape(line))
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be {{\"prompt\": \"...\"}}") from None
-        prompt = rec if isinstance(rec, str) else rec.get('prompt') if isinstance(rec, dict) else None
-        if not isinstance(prompt, str):
-            raise UserError(f"{path}:{n} has no \"prompt\" string; each line must be {{\"prompt\": \"...\"}}")
-        prompts.append(prompt)
+    if not path.endswith('.jsonl'):
+        prompts = [unescape(line) for line in text.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for n, rec in jsonl_lines(text, path, '; each line must be {"prompt": "..."}'):
+            prompt = rec if isinstance(rec, str) else rec.get('prompt') if isinstance(rec, dict) else None
+            if not isinstance(prompt, str):
+                raise UserError(f"{path}:{n} has no \"prompt\" string; each line must be {{\"prompt\": \"...\"}}")
+            prompts.append(prompt)
     if not prompts:
         raise UserError(f"prompts file '{path}' has no prompts")
     return prompts
@@ -184,9 +178,8 @@ def write_jsonl(records, path):
     if not path:
         sys.stdout.write(lines)
         return
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:  # whole or not at all
+    with atomic_write(path, 'w', encoding='utf-8') as f:  # whole or not at all
         f.write(lines)
-    os.replace(path + '.tmp', path)
 
 
 def complete_file(model, tok, cfg):

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from configurator import atomic_write
 from model import ModelConfig, assign_weights, build_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,11 +165,10 @@ def save_safetensors(tensors, path, metadata=None):
         offset += t.nbytes
     raw = json.dumps(header, separators=(',', ':')).encode()
     raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path + '.tmp', 'wb') as f:
+    with atomic_write(path, 'wb') as f:
         f.write(struct.pack('<Q', len(raw)) + raw)
         for _, t in items:
             f.write(ctypes.string_at(t.data_ptr(), t.nbytes))
-    os.replace(path + '.tmp', path)
 
 
 def _shards(folder):
@@ -1125,12 +1125,11 @@ def write_gguf(path, metadata, tensors, alignment=DEFAULT_ALIGNMENT):
                  struct.pack('<IQ', kind, offset)]
         offset += -(-len(raw) // alignment) * alignment
     header = b''.join(head)
-    with open(path + '.tmp', 'wb') as f:
+    with atomic_write(path, 'wb') as f:
         f.write(header + b'\0' * (-len(header) % alignment))
         for _, _, _, raw in tensors:
             f.write(raw)
             f.write(b'\0' * (-len(raw) % alignment))
-    os.replace(path + '.tmp', path)
 
 
 def _hf_to_gguf_names(arch):
