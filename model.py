@@ -3,12 +3,16 @@ GPT-2, LLaMA and BERT in one file that imports only torch, so it can be copied i
 
     model = build_model(ModelConfig(model_type='llama', n_layer=6, n_head=6, n_embd=384, vocab_size=65))
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64
+    out = model.generate(idx, 100, temperature=0.8, top_k=50)  # (B, T + 100); gpt and llama
 
 The three families share one attention module (fused q/k/v projection, grouped-query heads, optional rotary
-embeddings, causal or bidirectional) and one block (pre-LN, or post-LN for BERT); they differ in embeddings,
-norm, MLP and head. Attention goes through F.scaled_dot_product_attention, which picks a flash kernel on CPU
-and CUDA. Layouts follow the Hugging Face checkpoints (GPT-2's c_attn split into q/k/v, LLaMA's rotate-half
-RoPE, BERT's post-LN and MLM head) so pretrained weights map onto these modules by renaming alone.
+embeddings, causal or bidirectional) and one block (pre-LN, or post-LN for BERT). GPT and LLaMA are decoders on
+one base class, Decoder (blocks, final norm, LM head, classification, KV cache and generation), and differ only
+in embeddings, norm, MLP and head; BERT is an encoder with its own embeddings and MLM head. Attention runs in
+F.scaled_dot_product_attention's fused kernels, except on CPU up to 512 tokens, where explicit matmuls are
+faster; generation keeps keys and values in a preallocated KV cache and, on CPU, multiplies with weights packed
+once for oneDNN (PackedLinear). Layouts follow the Hugging Face checkpoints (GPT-2's c_attn split into q/k/v,
+LLaMA's rotate-half RoPE, BERT's post-LN and MLM head) so pretrained weights map onto these modules by renaming.
 """
 import inspect
 import math
@@ -213,16 +217,21 @@ class SwiGLU(nn.Module):
         return self.dropout(self.proj(F.silu(gate) * up))
 
 
+def make_norm(config):
+    """LLaMA: RMSNorm. GPT-2 and BERT: LayerNorm, with biases unless config.bias is False."""
+    if config.model_type == 'llama':
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        llama, self.post_ln = config.model_type == 'llama', config.model_type == 'bert'
-        norm = (lambda: nn.RMSNorm(config.n_embd, eps=config.norm_eps)) if llama else \
-               (lambda: nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias))
-        self.ln_1, self.ln_2 = norm(), norm()
+        self.post_ln = config.model_type == 'bert'
+        self.ln_1, self.ln_2 = make_norm(config), make_norm(config)
         self.attn = Attention(config, causal=config.model_type != 'bert')
-        self.mlp = SwiGLU(config) if llama else MLP(config)
+        self.mlp = SwiGLU(config) if config.model_type == 'llama' else MLP(config)
 
     def forward(self, x, rope=None, attn_mask=None, pos=None):
         if self.post_ln:  # BERT normalises after each residual add
@@ -268,108 +277,189 @@ def lm_loss(logits, targets):
 # ----------------------------------------------------------------------------------------------------------
 # the three families
 
-def positions(model, idx, pos=None, pad=None):
-    """Positions of the tokens idx (B, T) and their attention mask. Training: 0..T-1 and a plain causal mask
-    (None). Decoding: the tokens sit at pos..pos+T-1 of rows left-padded by pad ((B,) counts, or None), their
-    keys and values go to the KV caches that setup_cache made, and positions count from each row's first token."""
-    T = idx.size(1)
-    start = pos or 0
-    if start + T > model.config.block_size:
-        raise ValueError(f"sequence of length {start + T} is longer than block_size {model.config.block_size}")
-    p = torch.arange(start, start + T, device=idx.device)
-    if pad is not None:
-        p = (p - pad[:, None]).clamp(min=0)  # (B, T)
-    if pos is None or (T == 1 and pad is None):  # one new token sees the whole cache: no mask needed
-        return p, None
-    return p, cache_mask(pos, T, pad, idx.device)
+class Decoder(nn.Module):
+    """What GPT and LLaMA share: token embeddings -> dropout -> causal pre-LN blocks -> ln_f -> lm_head, a
+    classification head on the last token, and generation with a KV cache. A family says how positions enter
+    (embed: GPT-2 adds learned position embeddings, LLaMA rotates q and k) and whether the head is tied."""
 
-
-def lm_output(model, x, targets, pos):
-    """Logits and loss from the last hidden states; decoding needs the next token's logits only (B, 1, V)."""
-    if pos is not None:
-        x = x[:, -1:]
-    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, vocab_size)
-    return logits, (lm_loss(logits, targets) if targets is not None else None)
-
-
-def classify_last(self, idx, labels=None, attention_mask=None):
-    """Decoder sequence classification, as HF's GPT2/LlamaForSequenceClassification: the head reads each row's
-    last real token (rows padded on the right; causal attention never lets real tokens see the padding).
-    Logits (B, num_labels), and the cross-entropy loss if labels are given."""
-    if self.classifier is None:
-        raise ValueError("this model has no classification head: build it with num_labels > 0")
-    x = self.hidden(idx)  # (B, T, C)
-    B, T, _ = x.shape
-    last = attention_mask.long().sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1, device=x.device)
-    logits = self.classifier(self.transformer.ln_f(x[torch.arange(B, device=x.device), last]))  # (B, num_labels)
-    return logits, (F.cross_entropy(logits.float(), labels) if labels is not None else None)
-
-
-class GPT(nn.Module):
-
-    def __init__(self, config):
+    def __init__(self, config, learned_positions, tie_embeddings):
         super().__init__()
-        assert config.model_type == 'gpt'
         self.config = config
+        C = config.n_embd
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=nn.Embedding(config.vocab_size, C),
+            **({'wpe': nn.Embedding(config.block_size, C)} if learned_positions else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
+            ln_f=make_norm(config),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.num_labels else None
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.classifier = nn.Linear(C, config.num_labels, bias=False) if config.num_labels else None
         init_weights(self, config)
 
-    def forward(self, idx, targets=None, pos=None, pad=None):
-        """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
-        return lm_output(self, self.hidden(idx, pos, pad), targets, pos)
+    def embed(self, idx, p):
+        """Token embeddings (B, T, C) of idx at positions p, and the rope (cos, sin) for the blocks, or None."""
+        raise NotImplementedError
+
+    def positions(self, idx, pos=None, pad=None):
+        """Positions of the tokens idx (B, T) and their attention mask. Training: 0..T-1 and a plain causal mask
+        (None). Decoding: the tokens sit at pos..pos+T-1 of rows left-padded by pad ((B,) counts, or None), their
+        keys and values go to the KV caches that setup_cache made, and positions count from each row's first
+        token."""
+        T = idx.size(1)
+        start = pos or 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        p = torch.arange(start, start + T, device=idx.device)
+        if pad is not None:
+            p = (p - pad[:, None]).clamp(min=0)  # (B, T)
+        if pos is None or (T == 1 and pad is None):  # one new token sees the whole cache: no mask needed
+            return p, None
+        return p, cache_mask(pos, T, pad, idx.device)
 
     def hidden(self, idx, pos=None, pad=None):  # the last block's output (B, T, C), before ln_f
-        p, mask = positions(self, idx, pos, pad)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(p))  # (B, T, C)
-        return run_blocks(self, self.transformer.h, x, attn_mask=mask, pos=pos)
+        p, mask = self.positions(idx, pos, pad)
+        x, rope = self.embed(idx, p)
+        return run_blocks(self, self.transformer.h, self.transformer.drop(x), rope=rope, attn_mask=mask, pos=pos)
 
-    classify = classify_last
+    def forward(self, idx, targets=None, pos=None, pad=None):
+        """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions) and
+        needs the next token's logits only: (B, 1, vocab_size)."""
+        x = self.hidden(idx, pos, pad)
+        if pos is not None:
+            x = x[:, -1:]
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    def classify(self, idx, labels=None, attention_mask=None):
+        """Sequence classification, as HF's GPT2/LlamaForSequenceClassification: the head reads each row's last
+        real token (rows padded on the right; causal attention never lets real tokens see the padding).
+        Logits (B, num_labels), and the cross-entropy loss if labels are given."""
+        if self.classifier is None:
+            raise ValueError("this model has no classification head: build it with num_labels > 0")
+        x = self.hidden(idx)  # (B, T, C)
+        B, T, _ = x.shape
+        last = attention_mask.long().sum(1) - 1 if attention_mask is not None else \
+            torch.full((B,), T - 1, device=x.device)
+        logits = self.classifier(self.transformer.ln_f(x[torch.arange(B, device=x.device), last]))  # (B, labels)
+        return logits, (F.cross_entropy(logits.float(), labels) if labels is not None else None)
+
+    @torch.inference_mode()  # ~6% faster decoding than no_grad: no version counters, no view tracking
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                        repetition_penalty=1.0, eos_id=None, stop=None, decode=None, seed=None):
+        """Yield the new tokens one step at a time: a list with each row's token, None for rows that have finished.
+
+        prompts: (B, T) tensor or B lists of token ids of any lengths. temperature 0 is greedy. repetition_penalty
+        > 1 makes tokens already in a row less likely (logits divided by it when positive, multiplied when
+        negative). A row finishes at a token in eos_id (an int or a list), or when its text, decode(tokens), gains
+        one of the stop strings (the stop string is part of the output; trim the text). seed makes sampling
+        repeatable whatever else uses the global RNG. The prompt and the new tokens share block_size
+        positions: a longer prompt is cut from the left, and when the cache is full the last half of it is
+        computed afresh and decoding goes on from there (the model then sees block_size // 2 tokens of the past)."""
+        if stop and decode is None:
+            raise ValueError("stop strings need decode, the tokenizer's ids -> text function")
+        device = self.transformer.ln_f.weight.device
+        if device.type == 'cpu' and getattr(self, 'cpu_pack', True):
+            pack_linears(self)
+        seq, pad = left_pad(prompts, device)
+        B, V, block = seq.size(0), self.config.vocab_size, self.config.block_size
+        if int(seq.max()) >= V or int(seq.min()) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {V}) for this model")
+        if seq.size(1) >= block:  # keep room for at least one new token
+            cut = seq.size(1) - block + 1
+            seq, pad = seq[:, cut:], (None if pad is None else (pad - cut).clamp(min=0))
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+        seen = None
+        if repetition_penalty != 1.0:
+            padding = None if pad is None else torch.arange(seq.size(1), device=device) < pad[:, None]  # (B, T)
+            real = seq if pad is None else seq.masked_fill(padding, 0)
+            seen = torch.zeros(B, V, dtype=torch.bool, device=device).scatter_(1, real, True)
+        done, new, text_len = [False] * B, [[] for _ in range(B)], [0] * B
+        cache_len = min(block, seq.size(1) + max_new_tokens)
+        setup_cache(self, B, cache_len)
+        try:
+            logits = self(seq, pos=0, pad=pad)[0][:, -1].float()  # prefill: the whole prompt in one pass
+            pos = seq.size(1)
+            for step in range(max_new_tokens):
+                if seen is not None:
+                    logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty,
+                                                           logits * repetition_penalty), logits)
+                nxt = sample_logits(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+                out = []
+                for b, t in enumerate(nxt.tolist()):
+                    if done[b]:
+                        out.append(None)
+                        continue
+                    out.append(t)
+                    new[b].append(t)
+                    done[b] = t in eos
+                    if stop:  # look only at the text this token added, plus room for a stop string it completes
+                        text = decode(new[b])
+                        tail = text[max(0, text_len[b] - max(map(len, stop))):]
+                        done[b] = done[b] or any(s in tail for s in stop)
+                        text_len[b] = len(text)
+                yield out
+                if all(done) or step == max_new_tokens - 1:
+                    return
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                seq = torch.cat((seq, nxt[:, None]), dim=1)
+                if pos == cache_len:  # cache full: recompute the last half of the window and go on from there
+                    keep = block // 2
+                    pad = None if pad is None else (pad - (seq.size(1) - keep)).clamp(min=0)
+                    seq = seq[:, -keep:]
+                    if pad is not None and not pad.any():
+                        pad = None
+                    logits, pos = self(seq, pos=0, pad=pad)[0][:, -1].float(), keep
+                else:
+                    logits = self(nxt[:, None], pos=pos, pad=pad)[0][:, -1].float()  # decode: one token per row
+                    pos += 1
+        finally:
+            setup_cache(self, None, 0)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        """Append up to max_new_tokens tokens to each prompt, with the options of generate_stream. A (B, T) tensor
+        gives a (B, T + n) tensor as nanoGPT's generate does (rows that finished early are filled with their
+        last token, the EOS); B lists give B lists, each ending at its EOS or stop string."""
+        rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+        for step in self.generate_stream(prompts, max_new_tokens, **kwargs):
+            for row, t in zip(rows, step):
+                if t is not None or torch.is_tensor(prompts):
+                    row.append(row[-1] if t is None else t)
+        return torch.tensor(rows, dtype=prompts.dtype, device=prompts.device) if torch.is_tensor(prompts) else rows
 
 
-class LLaMA(nn.Module):
+class GPT(Decoder):
+    """GPT-2: learned position embeddings, LayerNorm, GELU MLP, the head tied to the token embeddings."""
 
     def __init__(self, config):
-        super().__init__()
+        assert config.model_type == 'gpt'
+        super().__init__(config, learned_positions=True, tie_embeddings=True)
+
+    def embed(self, idx, p):
+        return self.transformer.wte(idx) + self.transformer.wpe(p), None
+
+
+class LLaMA(Decoder):
+    """LLaMA: rotary position embeddings (RoPE) on q and k, RMSNorm, SwiGLU MLP, the head tied or not."""
+
+    def __init__(self, config):
         assert config.model_type == 'llama'
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-        self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False) if config.num_labels else None
+        super().__init__(config, learned_positions=False, tie_embeddings=config.tie_embeddings)
         cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta,
                               scaling=config.rope_scaling)
         # not persistent: derived from the config, so checkpoints stay free of them
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
-        init_weights(self, config)
 
-    def forward(self, idx, targets=None, pos=None, pad=None):
-        """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions)."""
-        return lm_output(self, self.hidden(idx, pos, pad), targets, pos)
-
-    def hidden(self, idx, pos=None, pad=None):  # the last block's output (B, T, C), before ln_f
-        p, mask = positions(self, idx, pos, pad)
+    def embed(self, idx, p):
         cos, sin = self.rope_cos[p], self.rope_sin[p]  # (T, hs), or (B, T, hs) for left-padded rows
-        rope = (cos, sin) if p.dim() == 1 else (cos[:, None], sin[:, None])
-        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        return run_blocks(self, self.transformer.h, x, rope=rope, attn_mask=mask, pos=pos)
-
-    classify = classify_last
+        rope = (cos, sin) if p.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
+        return self.transformer.wte(idx), rope
 
 
 class BERT(nn.Module):
@@ -634,92 +724,5 @@ def left_pad(prompts, device):
     return seq, (pad if pad.any() else None)
 
 
-@torch.inference_mode()  # ~6% faster decoding than no_grad: no version counters, no view tracking
-def generate_stream(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                    repetition_penalty=1.0, eos_id=None, stop=None, decode=None, seed=None):
-    """Yield the new tokens one step at a time: a list with each row's token, None for rows that have finished.
-
-    prompts: (B, T) tensor or B lists of token ids of any lengths. temperature 0 is greedy. repetition_penalty
-    > 1 makes tokens already in a row less likely (logits divided by it when positive, multiplied when
-    negative). A row finishes at a token in eos_id (an int or a list), or when its text, decode(tokens), gains
-    one of the stop strings (the stop string is part of the output; trim the text). seed makes sampling
-    repeatable whatever else uses the global RNG. The prompt and the new tokens share block_size positions:
-    a longer prompt is cut from the left, and when the cache is full the last half of it is computed afresh
-    and decoding goes on from there (the model then sees block_size // 2 tokens of the past)."""
-    if stop and decode is None:
-        raise ValueError("stop strings need decode, the tokenizer's ids -> text function")
-    device = model.transformer.ln_f.weight.device
-    if device.type == 'cpu' and getattr(model, 'cpu_pack', True):
-        pack_linears(model)
-    seq, pad = left_pad(prompts, device)
-    B, V, block = seq.size(0), model.config.vocab_size, model.config.block_size
-    if int(seq.max()) >= V or int(seq.min()) < 0:
-        raise ValueError(f"prompt token ids must be in [0, {V}) for this model")
-    if seq.size(1) >= block:  # keep room for at least one new token
-        cut = seq.size(1) - block + 1
-        seq, pad = seq[:, cut:], (None if pad is None else (pad - cut).clamp(min=0))
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    seen = None
-    if repetition_penalty != 1.0:
-        real = seq if pad is None else seq.masked_fill(torch.arange(seq.size(1), device=device) < pad[:, None], 0)
-        seen = torch.zeros(B, V, dtype=torch.bool, device=device).scatter_(1, real, True)
-    done, new, text_len = [False] * B, [[] for _ in range(B)], [0] * B
-    cache_len = min(block, seq.size(1) + max_new_tokens)
-    setup_cache(model, B, cache_len)
-    try:
-        logits = model(seq, pos=0, pad=pad)[0][:, -1].float()  # prefill: the whole prompt in one pass
-        pos = seq.size(1)
-        for step in range(max_new_tokens):
-            if seen is not None:
-                logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty,
-                                                       logits * repetition_penalty), logits)
-            nxt = sample_logits(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
-            out = []
-            for b, t in enumerate(nxt.tolist()):
-                if done[b]:
-                    out.append(None)
-                    continue
-                out.append(t)
-                new[b].append(t)
-                done[b] = t in eos
-                if stop:  # look only at the text this token added, plus room for a stop string it completes
-                    text = decode(new[b])
-                    tail = text[max(0, text_len[b] - max(map(len, stop))):]
-                    done[b] = done[b] or any(s in tail for s in stop)
-                    text_len[b] = len(text)
-            yield out
-            if all(done) or step == max_new_tokens - 1:
-                return
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            seq = torch.cat((seq, nxt[:, None]), dim=1)
-            if pos == cache_len:  # cache full: recompute the last half of the window and go on from there
-                keep = block // 2
-                pad = None if pad is None else (pad - (seq.size(1) - keep)).clamp(min=0)
-                seq = seq[:, -keep:]
-                if pad is not None and not pad.any():
-                    pad = None
-                logits, pos = model(seq, pos=0, pad=pad)[0][:, -1].float(), keep
-            else:
-                logits = model(nxt[:, None], pos=pos, pad=pad)[0][:, -1].float()  # decode: one token per row
-                pos += 1
-    finally:
-        setup_cache(model, None, 0)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, **kwargs):
-    """Append up to max_new_tokens tokens to each prompt, with the options of generate_stream. A (B, T) tensor
-    gives a (B, T + n) tensor as nanoGPT's generate does (rows that finished early are filled with their
-    last token, the EOS); B lists give B lists, each ending at its EOS or stop string."""
-    rows = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
-        for row, t in zip(rows, step):
-            if t is not None or torch.is_tensor(prompts):
-                row.append(row[-1] if t is None else t)
-    return torch.tensor(rows, dtype=prompts.dtype, device=prompts.device) if torch.is_tensor(prompts) else rows
-
-
-GPT.generate = LLaMA.generate = generate
-GPT.generate_stream = LLaMA.generate_stream = generate_stream
+# module-level spellings of the methods: generate(model, prompts, n)
+generate, generate_stream = Decoder.generate, Decoder.generate_stream

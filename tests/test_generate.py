@@ -3,7 +3,7 @@ exactly what they say."""
 import pytest
 import torch
 
-from model import ModelConfig, build_model, filter_logits, sample_logits
+from model import ModelConfig, build_model, filter_logits, generate, sample_logits
 
 
 def tiny(model_type, **kw):
@@ -52,6 +52,12 @@ def test_stream_yields_what_generate_returns():
     x = torch.randint(0, 97, (2, 5))
     steps = list(model.generate_stream(x, 8, temperature=0.9, top_k=20, seed=7))
     assert torch.equal(torch.cat((x, torch.tensor(steps).T), 1), model.generate(x, 8, temperature=0.9, top_k=20, seed=7))
+
+
+def test_module_level_generate_is_the_method():
+    model = tiny('llama')
+    x = torch.randint(0, 97, (2, 5))
+    assert torch.equal(generate(model, x, 6, temperature=0), model.generate(x, 6, temperature=0))
 
 
 def test_seed_makes_sampling_repeatable():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import BERT, GPT, LLaMA, ModelConfig, apply_rope, build_model, configure_optimizers, flops_per_token, num_params, rope_cache
+from model import BERT, GPT, Decoder, LLaMA, ModelConfig, apply_rope, build_model, configure_optimizers, flops_per_token, num_params, rope_cache
 
 
 def tiny(model_type, **kw):
@@ -66,6 +66,22 @@ def test_gpt_ties_embeddings_and_llama_can_untie():
     untied = build_model(tiny('llama', tie_embeddings=False))
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert num_params(untied) == num_params(build_model(tiny('llama'))) + 50 * 32
+
+
+def test_gpt_and_llama_share_the_decoder_and_keep_their_checkpoint_names():
+    # checkpoints and the Hugging Face / GGUF name maps depend on these names
+    assert issubclass(GPT, Decoder) and issubclass(LLaMA, Decoder) and not issubclass(BERT, Decoder)
+    assert all(name not in cls.__dict__ for cls in (GPT, LLaMA) for name in ('forward', 'generate', 'classify'))
+    layer = ['ln_1.weight', 'ln_1.bias', 'ln_2.weight', 'ln_2.bias', 'attn.qkv.weight', 'attn.qkv.bias',
+             'attn.proj.weight', 'attn.proj.bias', 'mlp.fc.weight', 'mlp.fc.bias', 'mlp.proj.weight', 'mlp.proj.bias']
+    assert list(build_model(tiny('gpt', n_layer=1)).state_dict()) == \
+        ['transformer.wte.weight', 'transformer.wpe.weight'] + [f'transformer.h.0.{n}' for n in layer] + \
+        ['transformer.ln_f.weight', 'transformer.ln_f.bias', 'lm_head.weight']
+    layer = ['ln_1.weight', 'ln_2.weight', 'attn.qkv.weight', 'attn.proj.weight', 'mlp.gate_up.weight',
+             'mlp.proj.weight']
+    assert list(build_model(tiny('llama', n_layer=1, tie_embeddings=False)).state_dict()) == \
+        ['transformer.wte.weight'] + [f'transformer.h.0.{n}' for n in layer] + \
+        ['transformer.ln_f.weight', 'lm_head.weight']
 
 
 def test_gpt2_124m_parameter_count_matches_gpt2():
