@@ -384,17 +384,19 @@ def _quantized(lin, scheme, group_size):
     raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
 
 
-def _set(model, name, module):
+def set_module(model, name, module):
+    """model.get_submodule(name) = module (name dotted, as named_modules gives it)."""
     parent, _, child = name.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _embedding_names(model):
-    # (embedding module name, the Linear name tied to it or None): GPT-2 and BERT share the token table
-    cfg = model.config
-    if cfg.model_type == 'bert':
-        return 'embeddings.wte', None
-    return 'transformer.wte', ('lm_head' if cfg.tie_embeddings else None)
+    """(token table's name or None, the Linear tied to it or None), for any module: the nn.Embedding whose weight a
+    Linear shares (GPT-2's head), else the first one registered (token tables come before positions and segments)."""
+    tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    heads = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tied = [(n, heads[id(model.get_submodule(n).weight)]) for n in tables if id(model.get_submodule(n).weight) in heads]
+    return tied[0] if tied else (tables[0] if tables else None, None)
 
 
 def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=(), table_scheme=None):
@@ -404,17 +406,20 @@ def quantize_model(model, scheme='int8', group_size=64, embeddings=True, skip=()
     a 4-bit table costs +5.6% perplexity, an 8-bit one +0.3%). Returns the plan, a dict that load_quantized
     needs to rebuild the same structure: scheme, group_size, embeddings, skip (and table_scheme)."""
     emb_name, tied = _embedding_names(model)
-    emb = model.get_submodule(emb_name)
-    dtype, table_kind = emb.weight.dtype, table_scheme or scheme
+    embeddings = embeddings and emb_name is not None
+    table_kind = table_scheme or scheme
+    if embeddings:
+        emb = model.get_submodule(emb_name)
+        dtype = emb.weight.dtype
     if embeddings and tied is None:  # its own table, quantized as a (V, C) matrix
         table = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device=emb.weight.device)
         table.weight = emb.weight
-        _set(model, emb_name, QuantEmbedding(_quantized(table, table_kind, group_size), dtype))
+        set_module(model, emb_name, QuantEmbedding(_quantized(table, table_kind, group_size), dtype))
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and name not in skip and (embeddings or name != tied):
-            _set(model, name, _quantized(m, table_kind if name == tied else scheme, group_size))
+            set_module(model, name, _quantized(m, table_kind if name == tied else scheme, group_size))
     if embeddings and tied is not None:
-        _set(model, emb_name, QuantEmbedding(model.get_submodule(tied), dtype))
+        set_module(model, emb_name, QuantEmbedding(model.get_submodule(tied), dtype))
     plan = dict(scheme=scheme, group_size=group_size, embeddings=embeddings, skip=list(skip))
     return {**plan, 'table_scheme': table_scheme} if table_scheme and table_scheme != scheme else plan
 
@@ -467,12 +472,14 @@ def load_quantized(ckpt):
 # ----------------------------------------------------------------------------------------------------------
 # pruning
 
-PRUNABLE = re.compile(r'(^|\.)h\.\d+\.')  # the Linears inside the transformer blocks (not embeddings or heads)
+# the Linears inside repeated blocks (a ModuleList's numbered children: transformer.h.3.mlp.fc), not the
+# embeddings or the heads; QLoRA (finetune_lora.py) stores the same ones in NF4
+BLOCK_LINEAR = re.compile(r'(^|\.)\d+\.')
 
 
 def prunable(model):
     """(name, nn.Linear) of the linears pruning touches: inside the blocks, where most weights are."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and PRUNABLE.search(n)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and BLOCK_LINEAR.search(n)]
 
 
 def prune(model, sparsity=0.5, scope='global', pattern='unstructured'):

@@ -79,6 +79,53 @@ def test_tied_table_is_stored_once_and_stays_shared():
     torch.testing.assert_close(emb, model.lm_head.dequantized_weight()[x])
 
 
+class Plain(nn.Module):
+    """Not one of model.py's: a token table, a stack of blocks in a ModuleList, a head tied to the table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 64)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)) for _ in range(2))
+        self.out = nn.Linear(64, 50, bias=False)
+        self.out.weight = self.tok.weight
+
+    def forward(self, x):
+        h = self.tok(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize('scheme', ['int8', 'int4', 'nf4'])
+def test_quantize_and_prune_any_module(scheme):
+    # the library part needs no model.config and no transformer names: any nn.Module with Linears
+    torch.manual_seed(0)
+    m, x = Plain().eval(), torch.randint(0, 50, (2, 7))
+    want = m(x)
+    plan = Q.quantize_model(m, scheme, group_size=32)
+    assert plan["scheme"] == scheme and type(m.tok) is Q.QuantEmbedding and m.tok.table is m.out  # still tied
+    assert all(not isinstance(mod, nn.Linear) or isinstance(mod, (Q.Int8Linear, Q.Int4Linear, Q.NF4Linear))
+               for mod in m.modules())
+    assert (m(x).float() - want).abs().max() < 0.25 * want.abs().max()
+    torch.manual_seed(0)
+    p = Plain()
+    fractions = Q.prune(p, 0.5)
+    assert sorted(fractions) == ['blocks.0.0', 'blocks.0.2', 'blocks.1.0', 'blocks.1.2']  # not the table or head
+    assert p.out.weight.count_nonzero() == p.out.weight.numel()
+
+
+def test_quantize_py_copies_alone_with_model_py(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    for f in ('quantize.py', 'model.py'):
+        shutil.copy(os.path.join(os.path.dirname(Q.__file__), f), tmp_path)
+    code = ("import torch, quantize; m = torch.nn.Sequential(torch.nn.Linear(64, 64)); "
+            "quantize.quantize_model(m, 'int8'); print(type(m[0]).__name__)")
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == 'Int8Linear', p.stderr
+
+
 def test_bfloat16_cast_keeps_scales_exact():
     model = tiny('llama')
     Q.quantize_model(model, 'int4', group_size=32)
