@@ -23,7 +23,7 @@ and of the tiktoken export.
     python bench.py decode --batch_sizes=1 --prompt_lens=16 --dtypes=bfloat16 --hf=False
 
 `decode` times model.generate (KV cache, greedy, 128 new tokens) with PyTorch's stock Linear and with
-sample.pack_linears (oneDNN-packed weights, what sample.py uses on CPU) against transformers' generate() on the
+model.pack_linears (oneDNN-packed weights, what sample.py uses on CPU) against transformers' generate() on the
 same weights (exported with save_pretrained), at batch 1 and 8 and prompts of 16 and 512 tokens, in float32
 and bfloat16 weights; and the weight bytes read per second against this machine's measured memory bandwidth.
 
@@ -529,7 +529,7 @@ def bench_decode(argv):
                 print(f"{dtype:<9} {B:>5} {T:>6} {r['stock']:>8.1f} {r['packed']:>8.1f} {hf_s} {r['weights_gbs']:>12.1f} "
                       f"{r['weights_gbs'] * 1e9 / read_bw:>10.0%} {same:>11}", flush=True)
     print("tokens/s: new tokens over the whole generate() call, prefill included. stock: model.generate with "
-          "PyTorch's Linear; packed: with sample.pack_linears, as sample.py runs on CPU; hf: transformers' generate(). "
+          "PyTorch's Linear; packed: with model.pack_linears, as sample.py runs on CPU; hf: transformers' generate(). "
           "weights GB/s: bytes of weights one step reads x steps/s of packed, against the read bandwidth above")
     f32, b16 = rows.get(('float32', 1, 16)), rows.get(('bfloat16', 1, 16))
     if f32 and f32['hf']:
