@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from quantize import NF4Linear
+from quantize import BLOCK_LINEAR, NF4Linear, set_module
 from configurator import UserError, check_ranges, parse_config, run_cli, writable_dir
-from train import (TrainConfig, chat_style, get_batch, load_checkpoint, load_data, load_model,
-                   meta_tokenizer, read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
+from train import (LoopConfig, Task, chat_style, get_batch, load_checkpoint, load_data, load_model, meta_tokenizer,
+                   read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -89,17 +89,11 @@ TARGETS = {
     'mlp': r'mlp\.(fc|proj|gate_up)$',
     'all': r'^(?!(lm_head|classifier)$)',
 }
-BLOCK_LINEAR = re.compile(r'(^|\.)h\.\d+\.')  # Linears inside the transformer blocks: the ones QLoRA quantizes
 
 
 def _linears(model):
     # (name, module) of every linear layer, quantized or not
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
-
-
-def _replace(model, name, new):
-    parent, _, child = name.rpartition('.')
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def apply_lora(model, target='attn', r=8, alpha=16, dropout=0.0, qlora=False, block_size=64, train_extra=()):
@@ -126,7 +120,7 @@ def apply_lora(model, target='attn', r=8, alpha=16, dropout=0.0, qlora=False, bl
             lin = NF4Linear.from_linear(lin, block_size)
         if name in names:
             lin = LoRALinear(lin, r, alpha, dropout)
-        _replace(model, name, lin)
+        set_module(model, name, lin)
     _train_extra(model, train_extra)
     model.lora_config = dict(target=target, r=r, alpha=alpha, dropout=dropout, qlora=qlora, block_size=block_size,
                              train_extra=list(train_extra))
@@ -149,11 +143,11 @@ def merge_lora(model, dequantize=True):
     Returns the merged names."""
     merged = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name in merged:
-        _replace(model, name, model.get_submodule(name).merge())
+        set_module(model, name, model.get_submodule(name).merge())
     if dequantize:
         for name, m in _linears(model):
             if isinstance(m, NF4Linear):
-                _replace(model, name, m.to_linear())
+                set_module(model, name, m.to_linear())
     model.lora_config = None
     return merged
 
@@ -237,13 +231,16 @@ def count_params(model):
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(LoopConfig):
+    """train.py's loop settings (LoopConfig) and what fine-tuning adds. The model is the one init_from names, so
+    there are no model-shape keys: --n_layer=4 here is an unknown key, not a setting quietly ignored."""
     init_from: str = 'gpt2'         # the base: a train.py out_dir, gpt2 .. gpt2-xl, hf:org/name, a HF folder
-    resume: bool = False            # continue this out_dir's run exactly (from out_dir/train_state.pt)
-    out_dir: str = 'out-finetune'
+    resume: bool = False            # continue this out_dir's run exactly (from out_dir/state_file)
+    state_file: str = 'train_state.pt'  # resumable training state; ckpt.pt is the merged model sample.py loads
     mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
     task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify
     data: str = ''                  # sft: JSON/JSONL of {instruction, input, output} or {messages: [...]}
+    data_dir: str = 'data/shakespeare_char'  # lm: a prepare.py folder made with the model's tokenizer
     template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
     val_fraction: float = 0.1       # sft: examples held out for evaluation
     pack: bool = False              # sft: fill each row with several examples (faster; they see each other)
@@ -256,6 +253,8 @@ class FinetuneConfig(TrainConfig):
     adapter: str = ''               # an adapter.pt to start from (its own LoRA settings; refused on another base);
                                     # with max_iters=0 it is only merged into out_dir/ckpt.pt
     nf4_block: int = 64
+    # LoopConfig's keys, with defaults for fine-tuning
+    out_dir: str = 'out-finetune'
     block_size: int = 0             # longest example in tokens; 0 = the model's context
     max_iters: int = 200
     learning_rate: float = 3e-4
@@ -265,7 +264,6 @@ class FinetuneConfig(TrainConfig):
     eval_interval: int = 50
     eval_iters: int = 10
     batch_size: int = 8
-    state_file: str = 'train_state.pt'  # resumable training state; ckpt.pt is the merged model sample.py loads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,87 +341,100 @@ def sft_batch(examples, cfg, split, it, micro, device, pad_id):
 # ----------------------------------------------------------------------------------------------------------
 # the task train.train runs, and what is saved at each checkpoint
 
-def make_task(cfg):
-    """train.train's task: the base model with adapters (or all weights trainable), its tokenizer, the data."""
-    def task(_cfg, ckpt, device, master):
-        model, tok = load_model(cfg.init_from, 'cpu', 'float32', cfg.trust_checkpoint)
-        cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
-        bert = model.config.model_type == 'bert'
-        if bert and cfg.task != 'classify':
-            raise UserError(f"task={cfg.task} needs a gpt or llama model; '{cfg.init_from}' is bert: "
-                            "use --task=classify")
-        if cfg.task == 'classify':
-            examples, labels = classify_data(cfg, tok)
-            if model.classifier is None or model.classifier.out_features != len(labels):  # a new head
-                torch.manual_seed(cfg.seed)
-                model.classifier = nn.Linear(model.config.n_embd, len(labels), bias=bert)  # decoders' has no bias
-                model.config.num_labels = len(labels)
-            if cfg.mode == 'full':  # heads that classification never uses get no gradient: DDP would wait for one
-                for n, p in model.named_parameters():
-                    p.requires_grad_(not n.startswith(('mlm_', 'lm_head.')))
-        fingerprint = base_fingerprint(model)
-        if cfg.mode not in ('full', 'lora', 'qlora'):
-            raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
-        adapter, merged_before = read_adapter(cfg.adapter, cfg.trust_checkpoint) if cfg.adapter else None, \
-            merged_adapters(cfg.init_from, cfg.trust_checkpoint)
-        if adapter and adapter.get('id') in merged_before:
-            raise UserError(f"{cfg.adapter} is already merged into {cfg.init_from}: pass the base it was trained on "
-                            f"(--init_from={adapter['config']['init_from']})")
-        if cfg.mode != 'full':
-            torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every run
-            extra = (('pooler', 'classifier') if bert else ('classifier',)) if cfg.task == 'classify' else ()
-            lc = adapter['lora_config'] if adapter else dict(
-                target=cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, qlora=cfg.mode == 'qlora',
-                block_size=cfg.nf4_block, train_extra=extra)
-            try:
-                apply_lora(model, lc['target'], r=lc['r'], alpha=lc['alpha'], dropout=cfg.lora_dropout,
-                           qlora=lc['qlora'], block_size=lc['block_size'], train_extra=lc['train_extra'])
-                if adapter:
-                    load_lora(model, adapter['lora'], adapter['fingerprint'])
-            except ValueError as e:
-                raise UserError(f"{cfg.adapter}: {e}" if adapter else str(e)) from None
-        elif adapter:
-            raise UserError("--adapter needs --mode=lora or qlora (full fine-tuning has no adapters)")
-        if cfg.mode != 'full':
-            frozen_to(model, resolve_dtype(cfg.dtype, device))
-        trainable, total = count_params(model)
-        if master:
-            print(f"{cfg.mode}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
-        meta = {'tokenizer': tok.meta, 'vocab_size': model.config.vocab_size}
-        pad = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [0])[0]
-        if cfg.task == 'sft':
-            train_ex, val_ex = sft_data(cfg, tok, master)
-            batch = lambda split, it, micro: sft_batch(train_ex if split == 'train' else val_ex, cfg, split,  # noqa: E731
-                                                       it, micro, device, pad)
-        elif cfg.task == 'lm':
-            data_meta, data = load_data(cfg.data_dir)
-            if meta_tokenizer(data_meta).identity != tok.identity:
-                raise UserError(f"'{cfg.data_dir}' was not tokenized with this model's tokenizer: prepare it with "
-                                f"the same tokenizer (e.g. --tokenizer=gpt2 for GPT-2)")
-            batch = lambda split, it, micro: get_batch(data, cfg, split, it, micro, device)  # noqa: E731
-        elif cfg.task == 'classify':
-            meta['labels'] = labels
-            batch = lambda split, it, micro: classify_batch(examples[split], cfg, split, it, micro, device)  # noqa: E731
-            model = ClassifierLoss(model)
-        else:
-            raise UserError(f"task must be sft, lm or classify, not '{cfg.task}'")
+def finetune_task(cfg, ckpt, device, master):
+    """train.train's Task: the base model with adapters (or all weights trainable), its tokenizer, the data.
+    (ckpt, this run's state on --resume, is train()'s to load: the model is built the same either way.)"""
+    model, tok = load_model(cfg.init_from, 'cpu', 'float32', cfg.trust_checkpoint)
+    cfg.block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
+    bert = model.config.model_type == 'bert'
+    if bert and cfg.task != 'classify':
+        raise UserError(f"task={cfg.task} needs a gpt or llama model; '{cfg.init_from}' is bert: use --task=classify")
+    meta = {'tokenizer': tok.meta, 'vocab_size': model.config.vocab_size}
+    if cfg.task == 'classify':
+        examples, labels = classify_data(cfg, tok)
+        meta['labels'] = labels
+        if model.classifier is None or model.classifier.out_features != len(labels):  # a new head
+            torch.manual_seed(cfg.seed)
+            model.classifier = nn.Linear(model.config.n_embd, len(labels), bias=bert)  # decoders' has no bias
+            model.config.num_labels = len(labels)
+        if cfg.mode == 'full':  # heads that classification never uses get no gradient: DDP would wait for one
+            for n, p in model.named_parameters():
+                p.requires_grad_(not n.startswith(('mlm_', 'lm_head.')))
+    fingerprint = base_fingerprint(model)  # before the adapters: what an adapter.pt is checked against
+    merged_before = add_adapters(model, cfg, resolve_dtype(cfg.dtype, device))
+    trainable, total = count_params(model)
+    if master:
+        print(f"{cfg.mode}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
 
-        def on_save(m):
-            m = getattr(m, 'model', m)  # the model inside ClassifierLoss
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            merged, ids = m, merged_before
-            if cfg.mode != 'full':
-                lora = lora_state_dict(m)
-                ids = merged_before + [adapter_id(lora)]
-                save_checkpoint({'lora': lora, 'lora_config': m.lora_config, 'fingerprint': fingerprint, 'id': ids[-1],
-                                 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'adapter.pt'))
-                merged = copy.deepcopy(m)
-                merge_lora(merged)  # in place, on the copy: training goes on with the adapters
-            save_checkpoint({'model': merged.state_dict(), 'model_args': asdict(merged.config), 'meta': meta,
-                             'merged_adapters': ids, 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
-        return SimpleNamespace(model=model, model_args=asdict(getattr(model, 'model', model).config), meta=meta,
-                               batch=batch, on_save=on_save)
-    return task
+    if cfg.task == 'sft':
+        train_ex, val_ex = sft_data(cfg, tok, master)
+        pad = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [0])[0]
+        batch = lambda split, it, micro: sft_batch(train_ex if split == 'train' else val_ex, cfg, split,  # noqa: E731
+                                                   it, micro, device, pad)
+    elif cfg.task == 'lm':
+        data_meta, data = load_data(cfg.data_dir)
+        if meta_tokenizer(data_meta).identity != tok.identity:
+            raise UserError(f"'{cfg.data_dir}' was not tokenized with this model's tokenizer: prepare it with "
+                            f"the same tokenizer (e.g. --tokenizer=gpt2 for GPT-2)")
+        # get_batch reads the windows' shape and kind from a config: next-token ones (BERT is refused above)
+        windows = SimpleNamespace(seed=cfg.seed, batch_size=cfg.batch_size, block_size=cfg.block_size, model_type='gpt')
+        batch = lambda split, it, micro: get_batch(data, windows, split, it, micro, device)  # noqa: E731
+    elif cfg.task == 'classify':
+        batch = lambda split, it, micro: classify_batch(examples[split], cfg, split, it, micro, device)  # noqa: E731
+        model = ClassifierLoss(model)
+    else:
+        raise UserError(f"task must be sft, lm or classify, not '{cfg.task}'")
+    return Task(model=model, model_args=asdict(model.config), meta=meta, batch=batch,
+                on_save=lambda m: save_finetuned(m, cfg, meta, fingerprint, merged_before))
+
+
+def add_adapters(model, cfg, dtype):
+    """LoRA/QLoRA adapters on model, in place: new ones from cfg, or cfg.adapter's with its own settings; the
+    frozen base then in the autocast dtype. Nothing for mode=full. Returns the ids of the adapters merged into the
+    base already (an adapter is never merged twice)."""
+    if cfg.mode not in ('full', 'lora', 'qlora'):
+        raise UserError(f"mode must be full, lora or qlora, not '{cfg.mode}'")
+    adapter = read_adapter(cfg.adapter, cfg.trust_checkpoint) if cfg.adapter else None
+    merged_before = merged_adapters(cfg.init_from, cfg.trust_checkpoint)
+    if adapter and adapter.get('id') in merged_before:
+        raise UserError(f"{cfg.adapter} is already merged into {cfg.init_from}: pass the base it was trained on "
+                        f"(--init_from={adapter['config']['init_from']})")
+    if cfg.mode == 'full':
+        if adapter:
+            raise UserError("--adapter needs --mode=lora or qlora (full fine-tuning has no adapters)")
+        return merged_before
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation, the same in every run
+    bert = model.config.model_type == 'bert'
+    extra = (('pooler', 'classifier') if bert else ('classifier',)) if cfg.task == 'classify' else ()
+    lc = adapter['lora_config'] if adapter else dict(
+        target=cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, qlora=cfg.mode == 'qlora',
+        block_size=cfg.nf4_block, train_extra=extra)
+    try:
+        apply_lora(model, lc['target'], r=lc['r'], alpha=lc['alpha'], dropout=cfg.lora_dropout,
+                   qlora=lc['qlora'], block_size=lc['block_size'], train_extra=lc['train_extra'])
+        if adapter:
+            load_lora(model, adapter['lora'], adapter['fingerprint'])
+    except ValueError as e:
+        raise UserError(f"{cfg.adapter}: {e}" if adapter else str(e)) from None
+    frozen_to(model, dtype)
+    return merged_before
+
+
+def save_finetuned(model, cfg, meta, fingerprint, merged_before):
+    """Task.on_save: out_dir/adapter.pt (the adapters, their settings, the base's fingerprint) and out_dir/ckpt.pt,
+    the merged model that sample.py loads like any checkpoint."""
+    model = getattr(model, 'model', model)  # the model inside ClassifierLoss
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    merged, ids = model, merged_before
+    if cfg.mode != 'full':
+        lora = lora_state_dict(model)
+        ids = merged_before + [adapter_id(lora)]
+        save_checkpoint({'lora': lora, 'lora_config': model.lora_config, 'fingerprint': fingerprint, 'id': ids[-1],
+                         'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'adapter.pt'))
+        merged = copy.deepcopy(model)
+        merge_lora(merged)  # in place, on the copy: training goes on with the adapters
+    save_checkpoint({'model': merged.state_dict(), 'model_args': asdict(merged.config), 'meta': meta,
+                     'merged_adapters': ids, 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
 
 
 def read_adapter(path, trust=False):
@@ -550,7 +561,7 @@ def main(argv):
                                 'log_interval', 'lora_r', 'nf4_block'),
                  non_negative=('learning_rate', 'min_lr', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'block_size',
                                'weight_decay', 'grad_clip', 'patience', 'num_threads', 'lora_alpha'),
-                 fractions=('lora_dropout', 'dropout', 'beta1', 'beta2'))
+                 fractions=('lora_dropout', 'beta1', 'beta2'))
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), not {cfg.val_fraction!r}")
     writable_dir(cfg.out_dir, 'out_dir')
@@ -565,12 +576,12 @@ def main(argv):
     if cfg.task == 'classify' and not cfg.data:
         raise UserError("task=classify needs --data=FILE.csv or .jsonl with text and label columns")
     if cfg.adapter and cfg.max_iters == 0:  # merge only: base + adapter -> out_dir/ckpt.pt
-        run = make_task(cfg)(cfg, None, 'cpu', True)
-        run.on_save(run.model)
+        task = finetune_task(cfg, None, 'cpu', True)
+        task.on_save(task.model)
         print(f"merged {cfg.adapter} into {cfg.init_from}: wrote {os.path.join(cfg.out_dir, 'ckpt.pt')}")
     else:
-        train(cfg, make_task(cfg))
-    if cfg.task == 'classify':  # the held-out figures of the saved (merged) model
+        train(cfg, finetune_task, resume=cfg.resume, state_file=cfg.state_file)
+    if cfg.task == 'classify' and not cfg.dry_run:  # the held-out figures of the saved (merged) model
         model, tok = load_model(cfg.out_dir, resolve_device(cfg.device), 'float32', cfg.trust_checkpoint)
         examples, labels = classify_data(cfg, tok)
         report = classify_report(model, examples['val'], labels, model.classifier.weight.device)

@@ -26,10 +26,10 @@ import pickle
 import re
 import sys
 import time
-import types
 import unicodedata
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,28 +46,17 @@ from weights import GGUFError, PretrainedError, from_pretrained, model_from_gguf
 
 
 @dataclass
-class TrainConfig:
-    # I/O
+class LoopConfig:
+    """Every key train() reads, and only those: batches, optimisation, evaluation, checkpoints, the system.
+    TrainConfig adds what lm_task builds its model and data from, finetune_lora.FinetuneConfig what fine-tuning
+    needs, so neither script accepts a key that it would ignore."""
     out_dir: str = 'out'
-    data_dir: str = 'data/shakespeare_char'  # a folder written by prepare.py
-    init_from: str = 'scratch'               # scratch | resume (from out_dir/ckpt.pt)
     trust_checkpoint: bool = False           # load checkpoints that need pickle (it can run code): trusted files only
-    # model (see model.ModelConfig); vocab_size 0 = the data's vocabulary (+1 [MASK] token for bert)
-    model_type: str = 'gpt'
-    n_layer: int = 6
-    n_head: int = 6
-    n_kv_head: int = 0
-    n_embd: int = 384
-    intermediate_size: int = 0
-    block_size: int = 256
-    vocab_size: int = 0
-    dropout: float = 0.0
-    bias: bool = True
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    # optimisation: AdamW, linear warmup then cosine decay to min_lr
+    # batches
+    block_size: int = 256                    # tokens per sequence: the model's context (see TrainConfig)
     batch_size: int = 16                     # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1     # micro-steps per iteration, over all processes together
+    # optimisation: AdamW, linear warmup then cosine decay to min_lr
     max_iters: int = 2000
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -78,7 +67,6 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0                   # 0 = no clipping
-    mlm_probability: float = 0.15            # bert: fraction of tokens to predict
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 20
@@ -95,6 +83,26 @@ class TrainConfig:
     peak_tflops: float = 0.0                 # accelerator's bf16 peak for the MFU log; 0 = known GPUs by name
     seed: int = 1337
     dry_run: bool = False                    # build everything, run one step, print sizes, exit
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """train.py's settings: the loop's, and the data and model that lm_task builds."""
+    data_dir: str = 'data/shakespeare_char'  # a folder written by prepare.py
+    init_from: str = 'scratch'               # scratch | resume (from out_dir/ckpt.pt)
+    # model (see model.ModelConfig; block_size is above); vocab_size 0 = the data's vocabulary (+1 [MASK] for bert)
+    model_type: str = 'gpt'
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0
+    n_embd: int = 384
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    dropout: float = 0.0
+    bias: bool = True
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    mlm_probability: float = 0.15            # bert: fraction of tokens to predict
 
 
 MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name in {g.name for g in fields(TrainConfig)}]
@@ -334,9 +342,8 @@ def truncate_metrics(path, last_iter):
                 continue  # torn while being written
             if isinstance(record, dict) and record.get('iter', 0) <= last_iter:
                 keep.append(line if line.endswith('\n') else line + '\n')
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(path) as f:
         f.writelines(keep)
-    os.replace(path + '.tmp', path)
 
 # ----------------------------------------------------------------------------------------------------------
 # the one loader: a model and its tokenizer from any source (train.py's ckpt.pt, a quantize.py checkpoint, a
@@ -680,28 +687,67 @@ def evaluate(model, batch, cfg, device, dtype):
     return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)), 'val_acc': correct / max(1, counted)}
 
 
-def estimate_memory(model, cfg, dtype, vocab_size):
-    """Rough peak bytes: weights, gradients and AdamW state in fp32, plus activations kept for backward
-    (~34 values per token per layer per channel at 16 bits, Korthikanti et al. 2022) and the logits."""
-    n = sum(p.numel() for p in model.parameters())
+def estimate_memory(model, cfg, dtype, model_args):
+    """Rough peak bytes (weights, activations) of training model, whose shape model_args gives (not cfg: a
+    fine-tuned model is whatever was loaded). Weights: the trained ones with gradients and AdamW state in fp32
+    (16 bytes each), frozen ones and buffers as stored. Activations: those kept for backward (~34 values per
+    token per layer per channel at 16 bits, Korthikanti et al. 2022) and the logits."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.requires_grad)
     act_bytes = 2 if dtype != 'float32' else 4
     tokens = cfg.batch_size * cfg.block_size
-    per_layer = tokens * cfg.n_embd * 17 * act_bytes
+    per_layer = tokens * model_args['n_embd'] * 17 * act_bytes
     if cfg.grad_checkpoint:  # only each block's input is kept, plus one block's activations while it reruns
-        per_layer, extra = tokens * cfg.n_embd * act_bytes, per_layer
+        per_layer, extra = tokens * model_args['n_embd'] * act_bytes, per_layer
     else:
         extra = 0
-    activations = cfg.n_layer * per_layer + extra + tokens * vocab_size * (act_bytes + 8)
-    return 16 * n, activations
+    activations = model_args['n_layer'] * per_layer + extra + tokens * model_args['vocab_size'] * (act_bytes + 8)
+    return 16 * trained + frozen, activations
 
 # ----------------------------------------------------------------------------------------------------------
-# the training loop
+# the training loop: train() builds a Task, then setup, restore, loop (iterations, evaluations) and save
+
+
+@dataclass
+class Task:
+    """What train() trains, built by make_task(cfg, ckpt, device, master): lm_task below, or finetune_lora.py's.
+    ckpt is the run's own checkpoint when it resumes (else None): train() loads its state, but a task may need
+    it first to build the architecture the state fits."""
+    model: torch.nn.Module
+    model_args: dict                    # the model's ModelConfig as a dict: saved in checkpoints; the shape --dry_run sizes
+    meta: dict                          # saved in checkpoints too: vocab_size and the tokenizer
+    batch: Callable                     # batch(split, it, micro) -> (x, y) on the device, a pure function of its
+                                        # arguments: a resumed or DDP run sees the batches of one uninterrupted process
+    on_save: Optional[Callable] = None  # on_save(model) on rank 0 after each checkpoint (finetune_lora.py: merged model)
+
+
+@dataclass
+class Process:
+    """This process's place in the run, and what it computes on."""
+    ddp: bool            # one of torchrun's processes
+    rank: int
+    local_rank: int
+    world: int           # the number of processes
+    device: str
+    dtype: str
+    micro_steps: int     # this process's share of each iteration's gradient_accumulation_steps
+
+    @property
+    def master(self):
+        return self.rank == 0  # the one that prints, logs and writes files
+
+
+@dataclass
+class Progress:
+    """The counters a checkpoint holds beside the model, optimizer and scaler state."""
+    iter_num: int = 0                    # iterations done
+    best_val_loss: float = float('inf')
+    bad_evals: int = 0                   # evaluations since the last new best, for patience
 
 
 def lm_task(cfg, ckpt, device, master):
     """What train() trains by default: a model built from cfg (or the checkpoint's architecture on resume) on a
-    prepare.py folder, next-token (or, for BERT, masked-token) prediction. Other scripts pass their own task
-    (finetune_lora.py): the same namespace of model, model_args, meta and batch(split, it, micro) -> (x, y)."""
+    prepare.py folder, next-token (or, for BERT, masked-token) prediction."""
     if cfg.init_from not in ('scratch', 'resume'):
         raise UserError(f"init_from must be scratch or resume, not '{cfg.init_from}'")
 
@@ -742,18 +788,57 @@ def lm_task(cfg, ckpt, device, master):
         mconf = ModelConfig(**model_args)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model_args = asdict(mconf)
     torch.manual_seed(cfg.seed)
-    model = build_model(mconf)
-    return types.SimpleNamespace(model=model, model_args=model_args, meta=meta,
-                                 batch=lambda split, it, micro: get_batch(data, cfg, split, it, micro, device, mask_id))
+    return Task(model=build_model(mconf), model_args=asdict(mconf), meta=meta,
+                batch=lambda split, it, micro: get_batch(data, cfg, split, it, micro, device, mask_id))
 
 
-def train(cfg, task=None):
-    """Run training as cfg says, on task (default lm_task). Returns the last evaluation dict (None for a dry run)."""
-    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
+    """Train the Task that make_task builds, as cfg (a LoopConfig) says. Every checkpoint is written to
+    out_dir/state_file (finetune_lora.py keeps it beside the merged model it writes as ckpt.pt); resume continues
+    from there exactly. Returns the last evaluation dict (None for a dry run)."""
+    proc = setup(cfg)
+    state_path = os.path.join(cfg.out_dir, state_file)
+    ckpt = load_checkpoint(state_path, trust=cfg.trust_checkpoint) if resume else None
+    task = make_task(cfg, ckpt, proc.device, proc.master)
+    raw_model = task.model.to(proc.device)  # not compiled or wrapped: what is counted, saved and handed to on_save
+    raw_model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.fsdp:
+        shard_model(raw_model, proc.dtype)
+    device_type = proc.device.split(':')[0]
+    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     device_type, fused=not cfg.fsdp)
+    scaler = torch.amp.GradScaler(device_type, enabled=(proc.dtype == 'float16'))
+    progress = restore(ckpt, raw_model, optimizer, scaler, cfg, proc.master) if ckpt is not None else Progress()
+    del ckpt  # its tensors are copied in: free them before training needs the memory
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if proc.ddp and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device.startswith('cuda') else None)
+    announce(cfg, proc, task, raw_model)
+
+    step = lambda it: iteration(it, model, optimizer, scaler, task.batch, cfg, proc)  # noqa: E731
+    if cfg.dry_run:
+        dry_run(cfg, proc, raw_model, task, step, progress.iter_num)
+        return None
+    result = loop(cfg, proc, progress, optimizer, step,
+                  run_eval=lambda: evaluate(model, task.batch, cfg, proc.device, proc.dtype),
+                  checkpoint=lambda: save(state_path, raw_model, optimizer, scaler, task, progress, cfg, proc.master),
+                  flops=flops_per_token(raw_model, cfg.block_size))
+    if proc.ddp:
+        torch.distributed.barrier()  # rank 0 may still be writing; Gloo aborts if a peer leaves mid-flight
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def setup(cfg):
+    """Join torchrun's process group when this is one of its processes (torchrun sets RANK, LOCAL_RANK and
+    WORLD_SIZE), then pick the device, dtype and CPU threads."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, local_rank, world = 0, 0, 1
+    if cfg.fsdp and not ddp:
+        raise UserError("fsdp=True shards the model over several processes: run under "
+                        "`torchrun --nproc_per_node=N train.py ...`")
     if ddp:
         import torch.distributed as dist
         rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
@@ -764,9 +849,6 @@ def train(cfg, task=None):
         if torch.cuda.is_available():
             cfg.device = f'cuda:{local_rank}'
             torch.cuda.set_device(cfg.device)
-    master = rank == 0
-    micro_steps = cfg.gradient_accumulation_steps // world  # this process's share of each iteration
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.num_threads:
@@ -774,148 +856,150 @@ def train(cfg, task=None):
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    resume = cfg.init_from == 'resume' or getattr(cfg, 'resume', False)
-    # finetune_lora.py keeps its training state beside the merged model it writes as ckpt.pt
-    state_path = os.path.join(cfg.out_dir, getattr(cfg, 'state_file', 'ckpt.pt'))
-    ckpt = load_checkpoint(state_path, trust=cfg.trust_checkpoint) if resume else None
-    run = (task or lm_task)(cfg, ckpt, device, master)
-    model, model_args, meta, batch = run.model.to(device), run.model_args, run.meta, run.batch
-    model.grad_checkpoint = cfg.grad_checkpoint
-    raw_model = model
-    if cfg.fsdp:
-        if not ddp:
-            raise UserError("fsdp=True shards the model over several processes: run under "
-                            "`torchrun --nproc_per_node=N train.py ...`")
-        shard_model(model, dtype)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device.split(':')[0], fused=not cfg.fsdp)
-    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
-    iter_num, best_val_loss, bad_evals = 0, float('inf'), 0
-    if ckpt is not None:
-        set_model_state_dict(model, clean_state_dict(ckpt['model']), options=StateDictOptions(full_state_dict=True))
-        # not strict: parameters that never got a gradient (BERT's pooler under MLM) have no optimizer state
-        set_optimizer_state_dict(model, optimizer, ckpt['optimizer'],
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
-        if ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss, bad_evals = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0)
-        if master:
-            truncate_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), iter_num)
-        del ckpt
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device.startswith('cuda') else None)
+    return Process(ddp, rank, local_rank, world, device, dtype, micro_steps=cfg.gradient_accumulation_steps // world)
 
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+def restore(ckpt, model, optimizer, scaler, cfg, master):
+    """Load a checkpoint's state into model, optimizer and scaler, and drop the metrics logged after it was
+    written (a crash between the two). Returns its counters."""
+    # full (unsharded) tensors keyed by parameter name, as save() writes them: they load under DDP or FSDP too
+    set_model_state_dict(model, clean_state_dict(ckpt['model']), options=StateDictOptions(full_state_dict=True))
+    # not strict: parameters that never got a gradient (BERT's pooler under MLM) have no optimizer state
+    set_optimizer_state_dict(model, optimizer, ckpt['optimizer'],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    progress = Progress(ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0))
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print_config(cfg)
-        print(f"{cfg.model_type}: {num_params(raw_model) / 1e6:.2f}M parameters | device {device} | dtype {dtype} | "
-              f"{torch.get_num_threads()} CPU threads | {world} process(es) | {tokens_per_iter:,} tokens/iter")
-        if not cfg.dry_run:
-            with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
-                json.dump(asdict(cfg), f, indent=2)
+        truncate_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), progress.iter_num)
+    return progress
 
-    def save(path):
-        # full (unsharded) tensors keyed by parameter name, so a checkpoint written by one process, by DDP or by
-        # FSDP loads into any of them; under FSDP every process takes part in gathering, rank 0 writes
-        model_state, optim_state = get_state_dict(raw_model, optimizer,
-                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not master:
-            return
-        save_checkpoint({
-            'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'bad_evals': bad_evals, 'config': asdict(cfg), 'meta': meta, **getattr(run, 'checkpoint_extra', {}),
-            # batches and dropout are reseeded from (seed, iteration), so this is only for completeness (a tensor:
-            # numpy's RNG state would need pickle to load)
-            'rng': {'torch': torch.get_rng_state()},
-        }, path)
 
-    def step(it):
-        torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + rank)  # dropout depends on (seed, iteration, rank) only
-        batches = (batch('train', it, rank * micro_steps + micro) for micro in range(micro_steps))
-        # DDP all-reduces gradients once per iteration; FSDP reduce-scatters them at every micro-step
-        loss = train_step(model, optimizer, scaler, batches, micro_steps, device, dtype, cfg.grad_clip,
-                          ddp and not cfg.fsdp)
-        if ddp:
-            torch.distributed.all_reduce(loss)  # a sum: Gloo has no AVG
-            loss = loss / world
-        return loss
+def tokens_per_iter(cfg):
+    return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
-    if cfg.dry_run:
-        weights, acts = estimate_memory(raw_model, cfg, dtype, model_args['vocab_size'])
-        print(f"estimated memory: {(weights + acts) / 2**30:.2f} GiB (weights, grads and AdamW state "
-              f"{weights / 2**30:.2f} GiB; activations of one micro-batch {acts / 2**30:.2f} GiB)")
-        t0 = time.time()
-        loss = guarded_step(step, iter_num, cfg)
-        dt = time.time() - t0
-        n = num_params(raw_model)
-        total = cfg.max_iters * tokens_per_iter
-        print(f"the run: {cfg.max_iters:,} iterations x {tokens_per_iter:,} tokens = {total / 1e9:.3g}B tokens, "
-              f"{total / n:.0f} tokens per parameter (Chinchilla-optimal is ~20)")
-        print(f"dry run: one iteration, loss {loss.item():.4f}, {dt:.2f}s, "
-              f"{tokens_per_iter / world / dt:,.0f} tokens/s per process (incl. warm-up) | "
-              f"{flops_per_token(raw_model, cfg.block_size) / 1e6:.1f} MFLOPs/token")
-        if device.startswith('cuda'):
-            print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        return None
 
+def announce(cfg, proc, task, model):
+    """On rank 0: the settings, the model and the run's size; and out_dir/config.json, unless this is a dry run."""
+    if not proc.master:
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print_config(cfg)
+    print(f"{task.model_args['model_type']}: {num_params(model) / 1e6:.2f}M parameters | device {proc.device} | "
+          f"dtype {proc.dtype} | {torch.get_num_threads()} CPU threads | {proc.world} process(es) | "
+          f"{tokens_per_iter(cfg):,} tokens/iter")
+    if not cfg.dry_run:
+        with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+
+def iteration(it, model, optimizer, scaler, batch, cfg, proc):
+    """Iteration it on this process: its micro-batches, one optimizer step. Returns the loss averaged over all
+    processes."""
+    torch.manual_seed((cfg.seed * 1_000_003 + it) * 1009 + proc.rank)  # dropout depends on (seed, iteration, rank) only
+    batches = (batch('train', it, proc.rank * proc.micro_steps + micro) for micro in range(proc.micro_steps))
+    # DDP all-reduces gradients once per iteration; FSDP reduce-scatters them at every micro-step
+    loss = train_step(model, optimizer, scaler, batches, proc.micro_steps, proc.device, proc.dtype, cfg.grad_clip,
+                      proc.ddp and not cfg.fsdp)
+    if proc.ddp:
+        torch.distributed.all_reduce(loss)  # a sum: Gloo has no AVG
+        loss = loss / proc.world
+    return loss
+
+
+def dry_run(cfg, proc, model, task, step, iter_num):
+    """Print the memory the run should need, time one iteration, print what the whole run amounts to."""
+    weights, acts = estimate_memory(model, cfg, proc.dtype, task.model_args)
+    print(f"estimated memory: {(weights + acts) / 2**30:.2f} GiB (weights, grads and AdamW state "
+          f"{weights / 2**30:.2f} GiB; activations of one micro-batch {acts / 2**30:.2f} GiB)")
+    t0 = time.time()
+    loss = guarded_step(step, iter_num, cfg)
+    dt = time.time() - t0
+    n, per_iter = num_params(model), tokens_per_iter(cfg)
+    total = cfg.max_iters * per_iter
+    print(f"the run: {cfg.max_iters:,} iterations x {per_iter:,} tokens = {total / 1e9:.3g}B tokens, "
+          f"{total / n:.0f} tokens per parameter (Chinchilla-optimal is ~20)")
+    print(f"dry run: one iteration, loss {loss.item():.4f}, {dt:.2f}s, "
+          f"{per_iter / proc.world / dt:,.0f} tokens/s per process (incl. warm-up) | "
+          f"{flops_per_token(model, cfg.block_size) / 1e6:.1f} MFLOPs/token")
+    if proc.device.startswith('cuda'):
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
+    """Iterations from progress.iter_num to max_iters: step(it) trains, a log line every log_interval, run_eval()
+    every eval_interval and at the end, then checkpoint() on a new best (or every time: always_save_checkpoint),
+    and an early stop after patience evaluations without a new best. flops: per token, for the MFU. Returns the
+    last evaluation."""
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    peak = cfg.peak_tflops * 1e12 or (gpu_peak_flops(device) if device.startswith('cuda') else 0)
-    if iter_num >= cfg.max_iters and master:
-        print(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={cfg.max_iters}; "
+    peak = cfg.peak_tflops * 1e12 or (gpu_peak_flops(proc.device) if proc.device.startswith('cuda') else 0)
+    per_iter = tokens_per_iter(cfg)
+    if progress.iter_num >= cfg.max_iters and proc.master:
+        print(f"nothing to do: the checkpoint is at iteration {progress.iter_num} and max_iters={cfg.max_iters}; "
               f"raise --max_iters to train on")
     result = None
     t_log, iters_since_log = time.time(), 0
-    while iter_num < cfg.max_iters:
-        lr = get_lr(iter_num, cfg)
+    while progress.iter_num < cfg.max_iters:
+        it = progress.iter_num  # batches, dropout and the learning rate are functions of it
+        lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss = guarded_step(step, iter_num, cfg)
-        iter_num += 1
+        loss = guarded_step(step, it, cfg)
+        progress.iter_num = done = it + 1  # iterations done: what logs, evaluations and checkpoints count
         iters_since_log += 1
 
-        if iter_num % cfg.log_interval == 0 and master:
+        if done % cfg.log_interval == 0 and proc.master:
             dt = time.time() - t_log
-            tps = tokens_per_iter * iters_since_log / dt
-            record = {'iter': iter_num, 'loss': loss.item(), 'lr': lr, 'tokens_per_sec': tps,
+            tps = per_iter * iters_since_log / dt
+            record = {'iter': done, 'loss': loss.item(), 'lr': lr, 'tokens_per_sec': tps,
                       'ms_per_iter': 1000 * dt / iters_since_log}
             if peak:  # model FLOPs utilisation: the fraction of the accelerators' peak doing model math
-                record['mfu'] = flops_per_token(raw_model, cfg.block_size) * tps / (peak * world)
+                record['mfu'] = flops * tps / (peak * proc.world)
             append_metrics(metrics_path, record)
-            print(f"iter {iter_num}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
+            print(f"iter {done}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
                   f"{tps:,.0f} tokens/s, {record['ms_per_iter']:.0f} ms/iter"
                   + (f", MFU {record['mfu']:.1%}" if peak else ''))
             t_log, iters_since_log = time.time(), 0
 
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             t_eval = time.time()
-            result = evaluate(model, batch, cfg, device, dtype)
-            improved = result['val_loss'] < best_val_loss
-            best_val_loss = min(best_val_loss, result['val_loss'])
-            bad_evals = 0 if improved else bad_evals + 1
-            stop = cfg.patience and bad_evals >= cfg.patience
-            if master:
-                append_metrics(metrics_path, {'iter': iter_num, **result})
-                print(f"eval at iter {iter_num}: val loss {result['val_loss']:.4f}, "
+            result = run_eval()
+            improved = result['val_loss'] < progress.best_val_loss
+            progress.best_val_loss = min(progress.best_val_loss, result['val_loss'])
+            progress.bad_evals = 0 if improved else progress.bad_evals + 1
+            stop = cfg.patience and progress.bad_evals >= cfg.patience
+            if proc.master:
+                append_metrics(metrics_path, {'iter': done, **result})
+                print(f"eval at iter {done}: val loss {result['val_loss']:.4f}, "
                       f"ppl {result['val_ppl']:.2f}, token accuracy {result['val_acc']:.3f}"
-                      + ('' if improved else f" (best {best_val_loss:.4f})"))
-            if improved or cfg.always_save_checkpoint or iter_num == cfg.max_iters or stop:
-                save(state_path)
-                if master and hasattr(run, 'on_save'):
-                    run.on_save(raw_model)
+                      + ('' if improved else f" (best {progress.best_val_loss:.4f})"))
+            if improved or cfg.always_save_checkpoint or done == cfg.max_iters or stop:
+                checkpoint()
             if stop:
-                if master:
-                    print(f"early stop: no improvement in {bad_evals} evaluations")
+                if proc.master:
+                    print(f"early stop: no improvement in {progress.bad_evals} evaluations")
                 break
             t_log += time.time() - t_eval  # evaluation time is not training throughput
-    if ddp:
-        torch.distributed.barrier()  # rank 0 may still be writing; Gloo aborts if a peer leaves mid-flight
-        torch.distributed.destroy_process_group()
     return result
+
+
+def save(path, model, optimizer, scaler, task, progress, cfg, master):
+    """Write the training state to path, then (rank 0) let the task write its own files (task.on_save)."""
+    # full (unsharded) tensors keyed by parameter name, so a checkpoint written by one process, by DDP or by
+    # FSDP loads into any of them; under FSDP every process takes part in gathering, rank 0 writes
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return
+    save_checkpoint({
+        'model': model_state, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
+        'model_args': task.model_args, **asdict(progress), 'config': asdict(cfg), 'meta': task.meta,
+        # batches and dropout are reseeded from (seed, iteration), so this is only for completeness (a tensor:
+        # numpy's RNG state would need pickle to load)
+        'rng': {'torch': torch.get_rng_state()},
+    }, path)
+    if task.on_save:
+        task.on_save(model)
 
 
 # dense bf16 peak FLOP/s by GPU name, for the MFU log; --peak_tflops overrides
@@ -975,7 +1059,7 @@ def guarded_step(step, it, cfg):
 def main(argv):
     cfg = parse_config(TrainConfig, argv)
     check_train_config(cfg)
-    train(cfg)
+    train(cfg, resume=cfg.init_from == 'resume')
 
 
 if __name__ == '__main__':

@@ -245,3 +245,44 @@ def test_torchrun_two_processes_follow_the_single_process_curve(base, instruct, 
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(tmp_path / 'two', 'adapter.pt'))
+
+
+@pytest.mark.parametrize('key', ['n_layer=4', 'n_head=2', 'n_embd=64', 'vocab_size=100', 'dropout=0.1',
+                                 'model_type=llama', 'bias=False', 'rope_theta=1e6', 'mlm_probability=0.2'])
+def test_model_shape_keys_are_unknown(key):
+    # the model is the one init_from names: a shape key would be accepted and then ignored
+    with pytest.raises(UserError, match=f"unknown config key '{key.split('=')[0]}' \\(command line\\)"):
+        finetune_lora.parse_config(finetune_lora.FinetuneConfig, [f'--{key}'])
+
+
+def test_cli_refuses_a_model_shape_key_with_one_line():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, 'finetune_lora.py', '--n_layer=4'], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert p.stderr.startswith("error: unknown config key 'n_layer' (command line)")
+
+
+def test_dry_run_sizes_the_loaded_model(base, instruct, tmp_path, monkeypatch, capsys):
+    bigger = str(tmp_path / 'bigger')
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=4, n_head=2, n_embd=64,
+                                                         n_positions=256)).save_pretrained(bigger)
+    real, sized = train.estimate_memory, []
+
+    def spy(model, cfg, dtype, model_args):  # what the dry run prints, in bytes (the print rounds to 0.01 GiB)
+        sized.append((model_args['n_layer'], model_args['n_embd'], *real(model, cfg, dtype, model_args)))
+        return sized[-1][2:]
+    monkeypatch.setattr(train, 'estimate_memory', spy)
+    for b in (base, bigger):
+        finetune_lora.main(args(b, instruct, str(tmp_path / 'o'), dry_run=True))
+    out = capsys.readouterr().out
+    assert out.count('estimated memory') == 2 and out.count('dry run: one iteration') == 2
+    (l1, e1, w1, a1), (l2, e2, w2, a2) = sized
+    assert (l1, e1, l2, e2) == (2, 32, 4, 64)  # the bases' shapes, not TrainConfig's 6 x 384
+    tokens = 4 * 128  # batch_size x block_size, float32 activations
+    assert a1 == tokens * (2 * 32 * 17 * 4 + 50257 * 12) and a2 == tokens * (4 * 64 * 17 * 4 + 50257 * 12)
+    assert w1 < w2
+    model, _ = train.load_model(base)
+    assert w1 < 16 * sum(p.numel() for p in model.parameters())  # LoRA: the frozen base has no grads or AdamW state
+    assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')  # a dry run writes nothing

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -228,3 +229,31 @@ def test_sharded_data_is_read_as_one_stream():
     assert not ((first >= 5000).any()) and first.max() <= 1030 and first.min() == 0
     # start positions are uniform over the 90 + 30 valid ones, so shard 1 gets a quarter of the windows
     assert abs((first >= 1000).mean() - 30 / 120) < 0.03
+
+
+def test_a_task_of_ones_own_trains_saves_and_resumes_exactly(tmp_path):
+    # the extension point finetune_lora.py uses: a Task, a state file of its own, resume as an argument
+    saved = []
+
+    def make_task(cfg, ckpt, device, master):
+        torch.manual_seed(0)
+        model = train.build_model(train.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11,
+                                                    dropout=0.1))
+
+        def batch(split, it, micro):
+            x = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(it * 100 + micro + (split == 'val')))
+            return x[:, :-1], x[:, 1:].contiguous()
+        return train.Task(model=model, model_args=asdict(model.config), meta={'vocab_size': 11}, batch=batch,
+                          on_save=saved.append)
+
+    def run(out, max_iters, resume=False):
+        cfg = train.LoopConfig(out_dir=str(out), block_size=8, batch_size=2, max_iters=max_iters, eval_interval=2,
+                               eval_iters=1, log_interval=1, warmup_iters=2, lr_decay_iters=6, device='cpu',
+                               dtype='float32')
+        return train.train(cfg, make_task, resume=resume, state_file='state.pt')
+    run(tmp_path / 'straight', 6)
+    assert len(saved) == 3 and all(isinstance(m, torch.nn.Module) for m in saved)
+    assert os.path.exists(tmp_path / 'straight' / 'state.pt') and not os.path.exists(tmp_path / 'straight' / 'ckpt.pt')
+    run(tmp_path / 'halves', 4)
+    run(tmp_path / 'halves', 6, resume=True)
+    assert records(tmp_path / 'straight', 'loss') == records(tmp_path / 'halves', 'loss')
