@@ -347,7 +347,7 @@ class App:
         if device == 'cpu' and not cfg.quantize:
             pack_linears(model)
         # a character-level model drops characters it never saw instead of failing on them
-        self.model, self.tok, self.style = model, rag.tolerant(tok), chat_style(tok)
+        self.model, self.tok, self.style = model, tok.tolerant(), chat_style(tok)
         self.name = cfg.model_name or os.path.basename(os.path.normpath(cfg.init_from))
         self.block = model.config.block_size
         self.index = None

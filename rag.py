@@ -21,7 +21,6 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -263,7 +262,7 @@ class Index:
             model, tok = load_model(self.settings['embed_from'], device, trust=self.trust)
             if self.settings['pooling'] == 'auto':
                 self.settings['pooling'] = tuned_pooling(self.settings['embed_from'], self.trust) or 'hidden'
-            self._embedder = (model, tolerant(tok))
+            self._embedder = (model, tok.tolerant())
         return self._embedder
 
     @torch.no_grad()
@@ -423,7 +422,7 @@ def tune(idx, cfg, log=print):
     import random
     from train import save_checkpoint
     model, tok = load_model(cfg.embed_from, resolve_device(cfg.device), trust=cfg.trust_checkpoint)
-    tok = tolerant(tok)
+    tok = tok.tolerant()
     texts = [c['text'] for c in idx.chunks]
     if len(texts) < 2:
         raise UserError("tune needs an index of at least 2 chunks")
@@ -446,16 +445,6 @@ def tune(idx, cfg, log=print):
     save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config), 'meta': {'tokenizer': tok.meta},
                      'rag_pooling': 'embeddings', 'config': asdict(cfg)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
     return model
-
-
-def tolerant(tok):
-    """tok, but a character-level tokenizer drops the characters its training text lacked instead of failing:
-    documents hold characters (accents, symbols) that a small char model has never seen."""
-    chars = tok.meta.get('chars') if isinstance(tok.meta, dict) and tok.meta.get('kind') == 'char' else None
-    if not chars:
-        return tok
-    known = set(chars)
-    return SimpleNamespace(**{**vars(tok), 'encode': lambda s: tok.encode(''.join(c for c in s if c in known))})
 
 
 def top(scores, k):
@@ -504,7 +493,7 @@ def build_prompt(question, passages, tok, budget, style=None):
 def ask(idx, cfg, question, out=sys.stdout):
     """Retrieve, build the prompt, stream the answer, list the sources. Returns (answer, passages, notes)."""
     model, tok = load_model(cfg.init_from, resolve_device(cfg.device), trust=cfg.trust_checkpoint)
-    tok = tolerant(tok)
+    tok = tok.tolerant()
     (hits,) = idx.search([question], cfg.top_k, cfg.retriever, cfg.rrf_k, cfg.dense_weight)
     passages = [(idx.chunks[i], s) for i, s in hits]
     max_new = min(cfg.max_new_tokens, model.config.block_size // 2)

@@ -17,6 +17,7 @@ run stopped: the losses after a resume are bit for bit those of an uninterrupted
 Other scripts import from here: UserError, parse_config, the device/dtype helpers, checkpoint I/O.
 """
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -27,8 +28,7 @@ import re
 import sys
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, fields
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional
 
 import numpy as np
@@ -356,63 +356,68 @@ def bpe_from_text(text, where):
         raise UserError(str(e)) from None
 
 
-def load_tokenizer(meta):
-    """encode(str) -> list[int] and decode(list[int]) -> str for a dataset's meta.json dict."""
-    tok = meta.get('tokenizer') or {}
-    if tok.get('kind') == 'char':
-        chars = tok['chars']
-        stoi = {c: i for i, c in enumerate(chars)}
+@dataclass
+class TextTokenizer:
+    """The one tokenizer type: load_model gives this for every source (prepare.py's char vocabulary, tiktoken's
+    GPT-2, our bpe.py files, a tokenizer.json, a GGUF file). Special tokens written in the text encode as such."""
+    encode: Callable[[str], list]
+    decode: Callable[[list], str]      # ids past the vocabulary (a padded model's) do not crash
+    eos_id: object = None              # an int, a list of ints (chat models end turns with more than one) or None
+    meta: dict = field(default_factory=dict)  # what a checkpoint records to rebuild it (meta['tokenizer'])
+    identity: str = ''                 # what must match for a prepared dataset to fit a model
+    chat_template: str = None
+    bpe: object = None                 # the bpe.Tokenizer behind it, if any: chat templates run on it
+    bos_id: int = None                 # the id a plain prompt starts with, when the model expects one
 
-        def encode(s):
-            for c in s:
-                if c not in stoi:
-                    raise UserError(f"character {c!r} is not in this dataset's vocabulary of {len(chars)} "
-                                    f"characters; leave it out of the prompt")
-            return [stoi[c] for c in s]
+    def tolerant(self):
+        """This tokenizer, but a character-level one drops the characters its training text lacked instead of
+        failing: documents and chat messages hold characters (accents, symbols) a small char model never saw."""
+        if self.meta.get('kind') != 'char':
+            return self
+        known, encode = set(self.meta['chars']), self.encode
+        return dataclasses.replace(self, encode=lambda s: encode(''.join(c for c in s if c in known)))
 
-        def decode(ids):  # a model's vocabulary may be padded past the data's: show those ids as U+FFFD
-            return ''.join(chars[i] if 0 <= i < len(chars) else '\ufffd' for i in ids)
-        return encode, decode
-    if tok.get('kind') == 'tiktoken':
-        enc = tiktoken_encoding(tok['name'])
-        return (lambda s: enc.encode(s, allowed_special={'<|endoftext|>'}),
-                lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'))
-    if tok.get('kind') == 'bpe':
-        if 'model' not in tok:  # train.load_data and prepare_stream put the file's text here
-            raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
-                            "train.load_data, or sample from a checkpoint written by train.py")
-        bpe_tok = bpe_from_text(tok['model'], 'the bpe tokenizer in meta')
-        vocab = bpe_tok.vocab
-        try:
-            encode = functools.partial(bpe_tok.to_tiktoken().encode, allowed_special='all')
-        except bpe.BPEError:  # SentencePiece-style (a model fine-tuned from Llama 2): bpe.py's own encoder
-            encode = functools.partial(bpe_tok.encode, allowed_special='all')
-        return encode, lambda ids: bpe_tok.decode([i for i in ids if i in vocab])  # a padded vocabulary's ids
-    raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
+
+def char_tokenizer(meta_tok):
+    chars = meta_tok['chars']
+    stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(s):
+        for c in s:
+            if c not in stoi:
+                raise UserError(f"character {c!r} is not in this dataset's vocabulary of {len(chars)} "
+                                f"characters; leave it out of the prompt")
+        return [stoi[c] for c in s]
+
+    def decode(ids):  # a model's vocabulary may be padded past the data's: show those ids as U+FFFD
+        return ''.join(chars[i] if 0 <= i < len(chars) else '\ufffd' for i in ids)
+    return TextTokenizer(encode, decode, meta_tok.get('eos_id'), meta_tok, json.dumps({'chars': chars}),
+                         meta_tok.get('chat_template'))
 
 
 def tiktoken_tokenizer(name):
     enc = tiktoken_encoding(name)
-    return SimpleNamespace(encode=lambda s: enc.encode(s, allowed_special='all'), eos_id=enc.eot_token,
-                           decode=lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
-                           identity=json.dumps('tiktoken'), chat_template=None, bpe=None,
-                           meta={'kind': 'tiktoken', 'name': name})
+    return TextTokenizer(lambda s: enc.encode(s, allowed_special='all'),
+                         lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
+                         enc.eot_token, {'kind': 'tiktoken', 'name': name}, json.dumps('tiktoken'))
 
 
 def meta_tokenizer(meta):
-    """The tokenizer prepare.py recorded in a checkpoint's meta, with its end-of-text id when it has one."""
+    """The tokenizer prepare.py recorded in a dataset's or a checkpoint's meta, with its end-of-text id."""
     tok = meta.get('tokenizer') or {}
+    if tok.get('kind') == 'char':
+        return char_tokenizer(tok)
     if tok.get('kind') == 'tiktoken':
         return tiktoken_tokenizer(tok['name'])
-    ident = {'chars': tok.get('chars')} if tok.get('kind') == 'char' else bpe.tokenizer_identity(tok)  # vocab and order
     if tok.get('kind') == 'bpe':  # ours, or one a fine-tuned model kept from a tokenizer.json or GGUF
-        out = bpe_tokenizer(bpe_from_text(tok['model'], 'the checkpoint'))
-        out.meta, out.identity, out.eos_id = tok, json.dumps(ident, sort_keys=True), tok.get('eos_id', out.eos_id)
-        out.chat_template = tok.get('chat_template', out.chat_template)
-        return out
-    encode, decode = load_tokenizer(meta)
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=tok.get('eos_id'), meta=tok, bpe=None,
-                           chat_template=tok.get('chat_template'), identity=json.dumps(ident, sort_keys=True))
+        if 'model' not in tok:  # train.load_data and prepare_stream put the file's text here
+            raise UserError("this meta has a bpe tokenizer but not its model text: read the data folder with "
+                            "train.load_data, or sample from a checkpoint written by train.py")
+        out = bpe_tokenizer(bpe_from_text(tok['model'], 'the bpe tokenizer in meta'))
+        return dataclasses.replace(out, meta=tok, identity=json.dumps(bpe.tokenizer_identity(tok), sort_keys=True),
+                                   eos_id=tok.get('eos_id', out.eos_id),
+                                   chat_template=tok.get('chat_template', out.chat_template))
+    raise UserError(f"meta.json has an unknown tokenizer {tok!r}; re-run prepare.py for this dataset")
 
 
 def hf_tokenizer(folder, model_type):
@@ -428,24 +433,23 @@ def hf_tokenizer(folder, model_type):
 
 
 def bpe_tokenizer(tok):
-    """The tokenizer interface of load_model for a bpe.Tokenizer read from a tokenizer.json or a GGUF file."""
+    """The TextTokenizer of a bpe.Tokenizer (ours, or read from a tokenizer.json or a GGUF file)."""
     eos = list(dict.fromkeys(i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'),
                                          tok.special_tokens.get('<|eot_id|>')) if i is not None))
-    encode = lambda s: tok.encode(s, allowed_special='all')  # noqa: E731
+    encode = functools.partial(tok.encode, allowed_special='all')
     try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
         enc = tok.to_tiktoken()
         norm = (lambda s: unicodedata.normalize(tok.normalizer, s)) if tok.normalizer else (lambda s: s)
         encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
-    except bpe.BPEError:
+    except bpe.BPEError:  # SentencePiece-style (Llama 2, Mistral): bpe.py's own encoder
         pass
     text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
     meta = {'kind': 'bpe', 'model': text, 'sha256': hashlib.sha256(text.encode()).hexdigest(), 'eos_id': eos,
             'chat_template': tok.chat_template}
     decode = lambda ids: tok.decode([i for i in ids if i in tok.vocab])  # noqa: E731  (a padded vocabulary's)
     # bos_id: the id a plain prompt starts with when the model expects it (add_bos_token); a chat template writes it
-    return SimpleNamespace(encode=encode, decode=decode, eos_id=eos, chat_template=tok.chat_template, meta=meta,
-                           identity=json.dumps(bpe.tokenizer_identity(meta), sort_keys=True), bpe=tok,
-                           bos_id=tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
+    return TextTokenizer(encode, decode, eos, meta, json.dumps(bpe.tokenizer_identity(meta), sort_keys=True),
+                         tok.chat_template, tok, tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
 
 
 def is_gguf(path):

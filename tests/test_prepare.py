@@ -40,7 +40,7 @@ def run(tmp_path, *args, out='out'):
     out_dir = tmp_path / out
     prepare.main([*args, f'--out_dir={out_dir}', f'--cache_dir={tmp_path / "cache"}'])
     meta, data = train.load_data(str(out_dir))  # the way train.py reads it
-    _, decode = train.load_tokenizer(meta)
+    decode = train.meta_tokenizer(meta).decode
     return meta, decode(np.concatenate(data['train']).tolist()), decode(np.concatenate(data['val']).tolist())
 
 
@@ -284,7 +284,8 @@ def test_download_caches_and_prepares(tmp_path, server):
 
 
 def test_char_tokenizer():
-    encode, decode = train.load_tokenizer({'tokenizer': {'kind': 'char', 'chars': ['\n', ' ', 'a', 'b']}})
+    tok = train.meta_tokenizer({'tokenizer': {'kind': 'char', 'chars': ['\n', ' ', 'a', 'b']}})
+    encode, decode = tok.encode, tok.decode
     assert encode('ab a\n') == [2, 3, 1, 2, 0] and decode([2, 3, 1, 2, 0]) == 'ab a\n'
     with pytest.raises(UserError, match="character 'z' is not in"):
         encode('abz')
@@ -292,7 +293,8 @@ def test_char_tokenizer():
 
 
 def test_gpt2_tokenizer(gpt2_offline):
-    encode, decode = train.load_tokenizer({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
+    tok = train.meta_tokenizer({'tokenizer': {'kind': 'tiktoken', 'name': 'gpt2'}})
+    encode, decode = tok.encode, tok.decode
     assert encode('hello world') == [31373, 995]
     assert encode('a<|endoftext|>b')[1] == 50256
     assert decode(encode('héllo 🙂<|endoftext|>')) == 'héllo 🙂<|endoftext|>'
@@ -303,4 +305,4 @@ def test_gpt2_tokenizer(gpt2_offline):
 
 def test_unknown_tokenizer_kind():
     with pytest.raises(UserError, match='unknown tokenizer'):
-        train.load_tokenizer({'tokenizer': {'kind': 'sentencepiece'}})
+        train.meta_tokenizer({'tokenizer': {'kind': 'sentencepiece'}})

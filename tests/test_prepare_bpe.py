@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from operator import attrgetter
 
 import bpe
 import prepare
@@ -47,7 +48,7 @@ def test_trained_on_the_train_split_and_round_trips(tmp_path, shakespeare):
     cut = int(len(shakespeare) * 0.9)
     assert saved.ranks == bpe.train(shakespeare[:cut], 512, progress=False).ranks  # never saw val
     assert saved.ranks != bpe.train(shakespeare, 512, progress=False).ranks
-    encode, decode = train.load_tokenizer(meta)
+    encode, decode = attrgetter('encode', 'decode')(train.meta_tokenizer(meta))
     train_ids, val_ids = (np.concatenate(data[s]).tolist() for s in ('train', 'val'))
     assert decode(train_ids) == shakespeare[:cut] and decode(val_ids) == shakespeare[cut:]
     assert val_ids == encode(shakespeare[cut:])
@@ -59,7 +60,7 @@ def test_tokenizer_path_no_op_rerun_and_vocab_change(tmp_path, shakespeare, caps
     bpe.train(shakespeare[:50_000], 300, progress=False).save(model)
     meta, data = run(tmp_path / 'd', f'--tokenizer_path={model}')
     assert meta['vocab_size'] == 300 and (tmp_path / 'd' / 'tokenizer.model').read_bytes() == model.read_bytes()
-    _, decode = train.load_tokenizer(meta)
+    decode = train.meta_tokenizer(meta).decode
     assert decode(np.concatenate(data['val']).tolist()) == shakespeare[int(len(shakespeare) * 0.9):]
     capsys.readouterr()
     run(tmp_path / 'd', f'--tokenizer_path={model}')
@@ -105,7 +106,7 @@ def test_streaming_with_a_tokenizer_file(tmp_path, shakespeare):
                   '--val_tokens=1000', '--num_proc=2', f'--out_dir={out}'])
     meta, data = train.load_data(str(out))
     assert meta['vocab_size'] == 300 and meta['eot_token'] == tok.eot_token
-    _, decode = train.load_tokenizer(meta)
+    decode = train.meta_tokenizer(meta).decode
     val, train_ = (decode(np.concatenate(data[s]).tolist()) for s in ('val', 'train'))
     assert val + bpe.ENDOFTEXT + train_ == bpe.ENDOFTEXT.join(docs)  # eot between documents, not between files
     (out / 'tokenizer.model').unlink()
