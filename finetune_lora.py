@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from quantize import BLOCK_LINEAR, NF4Linear, set_module
 from configurator import UserError, check_ranges, parse_config, run_cli, writable_dir
-from train import (LoopConfig, Task, chat_style, get_batch, load_checkpoint, load_data, load_model, meta_tokenizer,
-                   read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
+from train import (LoopConfig, Task, batch_rng, chat_style, get_batch, load_checkpoint, load_data, load_model,
+                   meta_tokenizer, read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA
@@ -327,7 +327,7 @@ def pack_examples(examples, block_size):
 def sft_batch(examples, cfg, split, it, micro, device, pad_id):
     """(x, y) of batch_size examples drawn by (seed, split, it, micro) alone, so a resumed run sees the same
     batches; padded on the right to the longest, with pad targets -100."""
-    rng = np.random.default_rng([cfg.seed, split == 'val', it, micro])
+    rng = batch_rng(cfg.seed, split, it, micro)
     chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
     T = max(len(ids) for ids, _ in chosen) - 1
     x = torch.full((cfg.batch_size, T), pad_id, dtype=torch.long)
@@ -513,7 +513,7 @@ def classify_data(cfg, tok):
 
 def classify_batch(examples, cfg, split, it, micro, device):
     """(x, labels): batch_size examples drawn by (seed, split, it, micro), x padded with -1 on the right."""
-    rng = np.random.default_rng([cfg.seed, split == 'val', it, micro])
+    rng = batch_rng(cfg.seed, split, it, micro)
     chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
     x = torch.full((cfg.batch_size, max(len(ids) for ids, _ in chosen)), -1, dtype=torch.long)
     for i, (ids, _) in enumerate(chosen):

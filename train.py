@@ -227,10 +227,16 @@ def mask_tokens(x, rng, mask_id, vocab_size, mlm_probability):
     return inputs, targets
 
 
+def batch_rng(seed, split, it, micro):
+    """The random generator of one batch, a pure function of (seed, split, iteration, micro-step): every batch a
+    run draws can be drawn again, so resume and DDP are exact (train.py's and finetune_lora.py's batches)."""
+    return np.random.default_rng([seed, 0 if split == 'train' else 1, it, micro])
+
+
 def get_batch(data, cfg, split, it, micro, device, mask_id=None):
     """The batch for (seed, split, iteration, micro-step): a pure function, so resume and DDP are exact.
     Returns x, y of shape (batch_size, block_size) on device."""
-    rng = np.random.default_rng([cfg.seed, 0 if split == 'train' else 1, it, micro])
+    rng = batch_rng(cfg.seed, split, it, micro)
     w = sample_windows(data[split], rng, cfg.batch_size, cfg.block_size + 1)
     if cfg.model_type == 'bert':
         x, y = mask_tokens(w[:, :-1], rng, mask_id, mask_id, cfg.mlm_probability)
