@@ -27,7 +27,8 @@ import torch
 
 from configurator import (UserError, atomic_write, decode_file, jsonl_lines, list_files, parse_config, run_cli,
                           writable_dir, writable_file)
-from train import chat_prompt, chat_style, load_checkpoint, load_model, read_json_records, resolve_device, stream_text
+from train import (chat_prompt, chat_style, load_checkpoint, load_model, read_json_records, resolve_device,
+                   save_checkpoint, stream_text)
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
 JSONL_FIELDS = ('text', 'content', 'contents', 'abstract', 'body')
@@ -420,7 +421,6 @@ def tune(idx, cfg, log=print):
     cosine similarities / 0.05). Only the token embedding table trains, and texts are embedded as the mean of
     their token embeddings: a few hundred steps take under a minute on a CPU. Writes out_dir/ckpt.pt."""
     import random
-    from train import save_checkpoint
     model, tok = load_model(cfg.embed_from, resolve_device(cfg.device), trust=cfg.trust_checkpoint)
     tok = tok.tolerant()
     texts = [c['text'] for c in idx.chunks]
