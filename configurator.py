@@ -226,41 +226,59 @@ def glob_regex(pattern):
 
 
 class DownloadError(Exception):
-    pass
+    """Why a download failed, in a few words; status: the HTTP status (None if no answer); answered: False when
+    the server never answered (offline, a wrong address), so that callers can say so."""
+    def __init__(self, reason, status=None, answered=True):
+        super().__init__(reason)
+        self.status, self.answered = status, answered
 
 
-
-def download(url, cache_dir, timeout, retries=0):
-    """Path of a cached copy of url, downloading it first if needed. The bytes go to a .part file, renamed only
-    when it holds all the Content-Length bytes; a broken transfer continues from where it stopped (an HTTP
-    Range request), up to `retries` more times now and otherwise on the next call."""
+def download(url, dest, timeout=(10, 60), retries=0, headers=None):
+    """Download url into the file dest unless it exists; returns dest. The bytes go to dest.part, renamed only when
+    it holds all the Content-Length bytes. A broken transfer continues from where it stopped (an HTTP Range
+    request): at once if bytes were arriving, after 1, 2, 4 ... s for a 5xx or 429, up to `retries` more times
+    now, and otherwise from the .part on the next call. A 4xx, or a server that never answered, is not retried."""
     import requests
-    name = hashlib.sha1(url.encode()).hexdigest()[:10] + '-' + (os.path.basename(url.split('?')[0]) or 'index')
-    path = os.path.join(cache_dir, name)
-    if os.path.isfile(path):
-        return path
+    if os.path.isfile(dest):
+        return dest
+    part, answered = dest + '.part', False
     for attempt in range(retries + 1):
+        had = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            download_part(url, path + '.part', timeout)
+            download_part(url, part, timeout, headers)
             break
         except (requests.RequestException, OSError, DownloadError) as e:
-            status = e.response.status_code if isinstance(e, requests.HTTPError) else 500
-            if attempt == retries or status < 500 and status != 429:  # 404 and the like will not get better
-                raise DownloadError(short_reason(e)) from None
-            time.sleep(2 ** attempt)
-    os.replace(path + '.part', path)
-    return path
+            response = getattr(e, 'response', None)
+            status = response.status_code if response is not None else getattr(e, 'status', None)
+            answered |= getattr(e, 'answered', True)
+            if attempt == retries or not answered or status is not None and status < 500 and status != 429:
+                raise DownloadError(short_reason(e), status, answered) from None
+            if not (os.path.exists(part) and os.path.getsize(part) > had):  # nothing came: give the server time
+                time.sleep(2 ** attempt)
+    os.replace(part, dest)
+    return dest
 
 
-def download_part(url, part, timeout):
+def cached_download(url, cache_dir, timeout, retries=0):
+    """Path of url's copy in cache_dir (named by a hash of the URL and its file name), downloaded if need be."""
+    name = hashlib.sha1(url.encode()).hexdigest()[:10] + '-' + (os.path.basename(url.split('?')[0]) or 'index')
+    return download(url, os.path.join(cache_dir, name), timeout, retries)
+
+
+def download_part(url, part, timeout, headers=None):
     """Fetch url into the file part, continuing after the bytes it already holds if the server takes Range."""
     import requests
+    import urllib3
     from tqdm import tqdm
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    headers = {'Accept-Encoding': 'identity'}  # the bytes as stored, so that Content-Length counts them
+    headers = {**(headers or {}), 'Accept-Encoding': 'identity'}  # the bytes as stored: Content-Length counts them
     if have:
         headers['Range'] = f'bytes={have}-'
-    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+    try:
+        r = requests.get(url, stream=True, timeout=timeout, headers=headers)
+    except requests.ConnectionError as e:  # no answer at all (a broken body raises later, from iter_content)
+        raise DownloadError(short_reason(e), answered=False) from None
+    with r:
         if r.status_code == 416 and have:  # asked for bytes past the end
             if r.headers.get('content-range') == f'bytes */{have}':
                 return  # the .part was complete already
@@ -272,12 +290,15 @@ def download_part(url, part, timeout):
             raise DownloadError('the server sent another part of the file than asked for')
         have = have if r.status_code == 206 else 0  # 200: the server ignored Range and sends it all
         size = int(r.headers['content-length']) if 'content-length' in r.headers else None
-        os.makedirs(os.path.dirname(part), exist_ok=True)
+        os.makedirs(os.path.dirname(part) or '.', exist_ok=True)
         bar = tqdm(total=size and have + size, initial=have, unit='B', unit_scale=True, disable=None,  # None: tty only
-                   desc=os.path.basename(url.split('?')[0])[:40])
+                   leave=False, desc=os.path.basename(url.split('?')[0])[:40])
         with open(part, 'ab' if have else 'wb') as f, bar:
-            for chunk in r.iter_content(1 << 16):
-                bar.update(f.write(chunk))
+            try:  # read1: what has arrived, so that a connection that breaks off loses nothing
+                while chunk := r.raw.read1(1 << 16, decode_content=True):
+                    bar.update(f.write(chunk))
+            except urllib3.exceptions.HTTPError:
+                raise DownloadError('the connection broke off before the end of the file') from None
         got = os.path.getsize(part) - have
         if size is not None and got != size and 'content-encoding' not in r.headers:
             raise DownloadError(f'received {got:,} of {size:,} bytes')

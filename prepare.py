@@ -68,7 +68,7 @@ import numpy as np
 from tqdm import tqdm
 
 import bpe
-from configurator import (DownloadError, UserError, decode_file, download, list_files, parse_config, run_cli,
+from configurator import (DownloadError, UserError, cached_download, decode_file, list_files, parse_config, run_cli,
                           tiktoken_encoding, writable_dir, write_atomic)
 
 PREPARE_VERSION = 1  # bump when the output for the same input changes; older data is then rebuilt
@@ -307,7 +307,7 @@ def load_corpus(cfg, fallback):
         if cfg.input:
             return cfg.dataset, read_documents(cfg.input), cfg.input
         try:
-            path = download(cfg.url, cfg.cache_dir, cfg.timeout)
+            path = cached_download(cfg.url, cfg.cache_dir, cfg.timeout)
         except DownloadError as e:
             if not fallback:
                 raise UserError(f"could not download Tiny Shakespeare from {cfg.url} ({e}); offline, use "
@@ -533,7 +533,7 @@ def read_shard_list(where, cfg):
     """The shards a text file (local or a URL) lists one per line; relative entries are relative to the list."""
     if is_url(where):
         try:
-            path = download(where, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
+            path = cached_download(where, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
         except DownloadError as e:
             raise UserError(f"could not download the list of shards {where} ({e})") from None
     elif os.path.isfile(where):
@@ -558,7 +558,7 @@ def fetch_source(source, cfg):
     if not is_url(source):
         return source
     try:
-        return download(source, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
+        return cached_download(source, cfg.cache_dir, cfg.timeout, DOWNLOAD_RETRIES)
     except DownloadError as e:
         raise UserError(f"could not download {source} ({e})") from None
 

@@ -34,7 +34,6 @@ The GGUF layout (github.com/ggml-org/ggml, docs/gguf.md), all little-endian:
 llama.cpp stores the rows of Q and K of a 'llama' model interleaved for its rotary kernel (permute, below), and
 GPT-2's Conv1D weights transposed; both are undone on reading and redone on writing.
 """
-import contextlib
 import ctypes
 import functools
 import json
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from configurator import atomic_write
+from configurator import DownloadError, atomic_write, download
 from model import ModelConfig, assign_weights, build_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,60 +219,32 @@ def load_pretrained_state(folder):
                           "pytorch_model.bin")
 
 
-def _fetch(session, url, dest, optional=False):
-    """url into dest via dest.incomplete, resumed by Range requests; False if optional and the server says 404."""
-    import requests, urllib3  # noqa: E401
-    try:
-        from tqdm import tqdm
-        progress = lambda f, **kw: tqdm.wrapattr(f, 'write', unit='B', unit_scale=True, leave=False, **kw)
-    except ImportError:
-        progress = lambda f, **kw: contextlib.nullcontext(f)
-    tmp, total, size = dest + '.incomplete', None, 0
-    for _ in range(5):  # a dropped connection is retried from where it broke off
-        have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        try:
-            r = session.get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=(10, 60))
-        except requests.ConnectionError:
-            raise PretrainedError(f"cannot reach {url}: offline? download the model folder elsewhere and pass its "
-                                  "path") from None
-        with r:
-            if r.status_code == 404 and optional:
-                return False
-            if r.status_code not in (200, 206):  # (the Hub also answers 401 for a repo that does not exist)
-                why = 'access denied: gated or private model? set HF_TOKEN' if r.status_code in (401, 403) else \
-                    'not found: no such repo, revision or file' if r.status_code == 404 else r.reason
-                raise PretrainedError(f"{url}: HTTP {r.status_code} {why}")
-            have = have if r.status_code == 206 else 0  # 200: the server ignored Range and sends it all
-            length = r.headers.get('Content-Range', '/').split('/')[-1] if have else r.headers.get('Content-Length')
-            total, done = int(length) if length and length.isdigit() else None, False
-            with open(tmp, 'ab' if have else 'wb') as f, progress(f, total=total, initial=have, desc=url) as out:
-                with contextlib.suppress(requests.RequestException, urllib3.exceptions.HTTPError):
-                    while chunk := r.raw.read1(1 << 20):  # what has arrived: a dropped connection loses nothing
-                        out.write(chunk)
-                    done = True
-        size = os.path.getsize(tmp)
-        if size == total or (done and total is None):
-            os.replace(tmp, dest)
-            return True
-    raise PretrainedError(f"download of {url} keeps breaking off ({size} of {total} bytes): run again to resume")
-
-
 def hf_download(repo_id, revision='main', cache_dir=None, endpoint=None):
     """Folder <cache>/<org>--<name>/<revision>/ with a Hub model's config.json, weights and tokenizer files, resuming
     interrupted files; once complete it is used without a request. cache: cache_dir, env NANOLLM_CACHE or
     ~/.cache/nanollm/hub; endpoint: env HF_ENDPOINT or the Hub; env HF_TOKEN is sent as a bearer token."""
-    import requests
     endpoint = (endpoint or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co').rstrip('/')
     root = cache_dir or os.environ.get('NANOLLM_CACHE') or os.path.expanduser('~/.cache/nanollm/hub')
     folder = os.path.join(root, repo_id.replace('/', '--'), revision)
     if os.path.exists(os.path.join(folder, '.complete')):
         return folder
-    session, token, url = requests.Session(), os.environ.get('HF_TOKEN'), f"{endpoint}/{repo_id}/resolve/{revision}"
-    session.headers.update({'Accept-Encoding': 'identity', **({'Authorization': f'Bearer {token}'} if token else {})})
+    token, url = os.environ.get('HF_TOKEN'), f"{endpoint}/{repo_id}/resolve/{revision}"
+    auth = {'Authorization': f'Bearer {token}'} if token else {}
 
-    def get(name, optional=False):  # (identity encoding: the bytes on disk must add up to Content-Length)
-        os.makedirs(os.path.dirname(dest := os.path.join(folder, name)), exist_ok=True)  # shards may be in subfolders
-        return os.path.exists(dest) or _fetch(session, f'{url}/{name}', dest, optional)
+    def get(name, optional=False):  # False: an optional file the repo does not have
+        try:  # (shards may sit in subfolders; a dropped connection is resumed where it broke off)
+            return bool(download(f'{url}/{name}', os.path.join(folder, name), retries=4, headers=auth))
+        except DownloadError as e:
+            if e.status == 404 and optional:
+                return False
+            if not e.answered:
+                raise PretrainedError(f"cannot reach {url}/{name} ({e}): offline? download the model folder "
+                                      "elsewhere and pass its path") from None
+            # (the Hub also answers 401 for a repo that does not exist)
+            why = 'access denied: gated or private model? set HF_TOKEN' if e.status in (401, 403) else \
+                'not found: no such repo, revision or file' if e.status == 404 else None
+            raise PretrainedError(f"{url}/{name}: {e} {why}" if why else f"{url}/{name}: {e}: run again to resume"
+                                  ) from None
     get('config.json')
     if not get('model.safetensors', optional=True):
         if get('model.safetensors.index.json', optional=True):

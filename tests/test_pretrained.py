@@ -353,7 +353,7 @@ def test_hub_download_then_cache(saved, env):
     assert {'config.json', 'model.safetensors', 'tokenizer.json', 'generation_config.json'} <= got  # 404s are fine
     folder = env / 'org--tiny' / 'main'
     assert (folder / 'model.safetensors').read_bytes() == Hub.files['/org/tiny/resolve/main/model.safetensors']
-    assert not list(folder.glob('*.incomplete'))
+    assert not list(folder.glob('*.part'))
     Hub.requests.clear()
     from_pretrained('org/tiny')
     assert Hub.requests == []  # the second time, no network at all
@@ -374,7 +374,7 @@ def test_hub_download_resumes(env, monkeypatch):
     Hub.requests.clear()
     part = env / 'other'
     os.makedirs(part / 'org--tiny' / 'main')
-    (part / 'org--tiny' / 'main' / 'model.safetensors.incomplete').write_bytes(Hub.files[url][:1000])
+    (part / 'org--tiny' / 'main' / 'model.safetensors.part').write_bytes(Hub.files[url][:1000])
     hf_download('org/tiny', cache_dir=str(part))
     assert [r for p, r, _ in Hub.requests if p == url] == ['bytes=1000-']
     assert (part / 'org--tiny' / 'main' / 'model.safetensors').read_bytes() == Hub.files[url]
@@ -392,3 +392,26 @@ def test_hub_errors(env, monkeypatch):
     with pytest.raises(PretrainedError, match=rf'cannot reach http://127.0.0.1:{port}/org/x/.*offline\? download '
                                               'the model folder elsewhere and pass its path'):
         from_pretrained('hf:org/x')
+
+
+def test_one_downloader_retry_rules(env, monkeypatch, tmp_path):
+    """configurator.download serves the Hub and prepare.py alike: a break-off resumes at once, with no sleep; a
+    server that never answered, or a 4xx, is not retried, so offline users hear so at once."""
+    import time
+    from configurator import DownloadError, download
+    slept = []
+    monkeypatch.setattr(time, 'sleep', slept.append)
+    url = '/org/tiny/resolve/main/model.safetensors'
+    Hub.cut.add(url)
+    dest = download(os.environ['HF_ENDPOINT'] + url, str(tmp_path / 'a' / 'w.bin'), retries=1)
+    assert pathlib.Path(dest).read_bytes() == Hub.files[url] and slept == []
+    with pytest.raises(DownloadError) as e:
+        download(os.environ['HF_ENDPOINT'] + '/nope', str(tmp_path / 'b'), retries=3)
+    assert (e.value.status, e.value.answered, str(e.value)) == (404, True, 'HTTP 404') and slept == []
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError) as e:
+        download(f'http://127.0.0.1:{port}/x', str(tmp_path / 'c'), retries=3)
+    assert (e.value.status, e.value.answered, slept) == (None, False, [])
+    assert not os.path.exists(tmp_path / 'b.part') and not os.path.exists(tmp_path / 'c.part')
