@@ -779,6 +779,8 @@ def lm_task(cfg, ckpt, device, master):
         meta, data = {'vocab_size': cfg.vocab_size, 'tokenizer': None}, {'train': [rand], 'val': [rand]}
     else:
         meta, data = load_data(cfg.data_dir)
+        if meta.get('dataset') not in (None, 'text', os.path.basename(os.path.normpath(cfg.data_dir))):
+            print(f"note: {cfg.data_dir} holds the {meta['dataset']} dataset ({meta.get('source', '?')})")
     data_vocab = meta['vocab_size']
     mask_id = data_vocab if cfg.model_type == 'bert' else None  # BERT's [MASK] is one token past the data's
     need_vocab = data_vocab + (1 if cfg.model_type == 'bert' else 0)
