@@ -1,0 +1,938 @@
+"""
+Score a model on the standard benchmarks, the way the field scores them, and write a report card.
+
+    python eval.py --init_from=out-shakespeare-char --tasks=text --data=data/shakespeare_char
+    python eval.py --init_from=model.gguf --data_dir=../shared/data/eval --tasks=hellaswag,arc_easy,piqa,mmlu
+    python eval.py --init_from=model.gguf --data_dir=../shared/data/eval --tasks=core --limit=500 --report=report.md
+    python eval.py --init_from=model.gguf --data_dir=../shared/data/eval --tasks=gsm8k,mmlu --chat=True
+
+--init_from is anything train.load_model takes: a train.py or quantize.py out_dir, a Hugging Face folder or
+name, a GGUF file. Each task reads its data in the format it was published in, from --data (one task) or
+from --data_dir (its usual file names, in the task's own subfolder or not), else downloads it once into
+--cache_dir (resumable; offline, a one-line message says what to pass instead).
+
+Scoring follows EleutherAI's lm-evaluation-harness (the task configs of lm_eval 0.4.13): the same prompts,
+target delimiter (' '), few-shot separator ('\n\n'), the context's trailing spaces moved onto the
+continuation, the continuation's tokens taken from encoding context + continuation together, and
+  acc       the choice with the highest summed log-likelihood;
+  acc_norm  the highest log-likelihood per character of the choice (lm-eval divides by len(str));
+LAMBADA: greedy last-word accuracy and perplexity; MMLU: 5-shot from dev, scored on the answer letter,
+per subject and macro/micro averaged; GSM8K: few-shot greedy generation, the answer after '####' (strict)
+or the last number (flexible); WikiText and any text: lm-eval's rolling, non-overlapping windows, giving
+token and word perplexity and bits per byte. The CORE line centres each task's accuracy on its chance
+level b, (acc - b) / (1 - b), and averages them, as nanochat does.
+
+Speed: the choices of an item share their context, which runs once; its KV cache is copied to one row per
+choice and only the continuations run after it, in one batch.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import (DownloadError, UserError, atomic_write, cached_download, decode_file, jsonl_lines,
+                          parse_config, run_cli, writable_file)
+from model import pack_linears, setup_cache
+from train import chat_prompt, chat_style, eval_data_tokens, load_model, resolve_device, resolve_dtype
+
+
+@dataclass
+class EvalConfig:
+    init_from: str = 'out'           # train.py out_dir | gpt2 .. | hf:org/name | Hugging Face folder | .gguf
+    tasks: str = 'core'              # comma-separated task names, 'core' or 'all' (see TASKS)
+    data: str = ''                   # the data file (or folder: mmlu, text) of the one task in --tasks
+    data_dir: str = ''               # a folder with the tasks' files under their usual names
+    cache_dir: str = 'data/.cache/eval'  # downloads go here
+    limit: int = 0                   # score at most this many items per task (MMLU: per subject); 0 = all
+    shuffle: bool = False            # with limit: a seeded random subsample instead of the first items
+    seed: int = 1234
+    num_fewshot: int = -1            # -1 = each task's usual (MMLU 5, GSM8K 5, the others 0)
+    chat: bool = False               # instruct models: ask through the chat template, read the letter/number
+    batch_size: int = 16             # rows per forward pass (generation, perplexity windows)
+    max_gen_tokens: int = 256        # GSM8K and chat replies stop after this many tokens
+    report: str = ''                 # write a markdown report card here (and the JSON beside it, .json)
+    json_out: str = ''               # the JSON report's path, if not beside --report
+    device: str = 'auto'
+    dtype: str = 'auto'              # float32 | bfloat16 | float16 | auto
+    pack: bool = True                # CPU: pre-pack weights for oneDNN (as sample.py)
+    trust_checkpoint: bool = False   # load checkpoints that need pickle (it can run code): trusted files only
+    timeout: float = 30.0            # seconds a download may stall
+
+
+class TaskError(Exception):
+    """A task that cannot run (its data is missing or malformed, or the model cannot read it): one line, and the
+    other tasks still run."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tasks' data, read in their published formats
+
+# name -> (chance level for CORE, the usual file names, where to download it)
+RAW = 'https://raw.githubusercontent.com'
+COT = f'{RAW}/raybears/cot-transparency/f6874394ba80a439237e4d7581dddc30d40c1830/data'
+MMLU_URL = f'{RAW}/raybears/cot-transparency/bd97732d94b1e1faf99bdb1656bf7d55d8036937/data/mmlu'
+SOURCES = {
+    'hellaswag': [f'{RAW}/rowanz/hellaswag/master/data/hellaswag_val.jsonl'],
+    'arc_easy': [f'{COT}/arc_easy/ARC-Easy-Dev.jsonl'],
+    'arc_challenge': [f'{COT}/arc_challenge/ARC-Challenge-Dev.jsonl'],
+    'piqa': [f'{RAW}/ybisk/ybisk.github.io/21edab439af693b961be2f069e8690a88d3b4e37/piqa/data/valid.jsonl',
+             f'{RAW}/ybisk/ybisk.github.io/21edab439af693b961be2f069e8690a88d3b4e37/piqa/data/valid-labels.lst'],
+    'winogrande': [f'{RAW}/zhang-edward/WinoGrande/ea61adace986f13f152757273a9b0840887efe65/data/dev.jsonl'],
+    'openbookqa': [f'{COT}/openbook_qa/test.jsonl'],
+    'commonsenseqa': [f'{RAW}/kojima-takeshi188/zero_shot_cot/5ef330fcdeec0cd26aee27943504f91f8ec1c33c/dataset/'
+                      'CommonsenseQA/dev_rand_split.jsonl'],
+    'boolq': [f'{RAW}/FormulaMonks/llm-benchmarker-suite/5d3c8009ab8f5adab4899c34dd203cbf7afcb372/data/SuperGLUE/'
+              'BoolQ/val.jsonl'],
+    'lambada': [f'{RAW}/cybertronai/bflm/620fff70127e0a7c741ee229ed2e33e25dd5185a/lambada_test.jsonl'],
+    'gsm8k': [f'{RAW}/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/'
+              'test.jsonl'],
+    'wikitext': [f'{RAW}/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8/word_language_model/data/'
+                 'wikitext-2/valid.txt'],
+}
+FILES = {  # the usual names: glob patterns tried in data_dir/<task>/ and data_dir/
+    'hellaswag': ['hellaswag*.txt', 'hellaswag*.jsonl'], 'arc_easy': ['ARC-Easy*.jsonl'],
+    'arc_challenge': ['ARC-Challenge*.jsonl'], 'piqa': ['valid*.jsonl'], 'winogrande': ['dev*.jsonl'],
+    'openbookqa': ['test*.jsonl', '*.jsonl'], 'commonsenseqa': ['dev*.jsonl'], 'boolq': ['val*.jsonl'],
+    'lambada': ['lambada*.jsonl'], 'gsm8k': ['test*.jsonl'], 'mmlu': ['.'],
+    'wikitext': ['wiki.valid.tokens', 'wiki.valid.raw', 'valid.txt', 'wiki*.txt'],
+}
+CORE_TASKS = ['hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'winogrande', 'openbookqa', 'commonsenseqa',
+              'boolq', 'lambada']
+ALL_TASKS = CORE_TASKS + ['mmlu', 'gsm8k', 'wikitext']
+FEWSHOT = {'mmlu': 5, 'gsm8k': 5}
+
+
+@dataclass
+class Item:
+    """One question. Multiple choice: contexts (one, or one per choice: Winogrande) and continuations (one per
+    choice, or one shared); gold the right choice. chars: each choice's length for acc_norm."""
+    contexts: list
+    continuations: list
+    gold: int
+    chars: list = None
+    group: str = ''          # MMLU's subject
+    question: dict = None    # what chat mode needs: {'text', 'letters'} or {'text'} (GSM8K)
+    answer: str = ''         # GSM8K's reference answer
+
+
+def find_data(task, cfg):
+    """The file (or folder) that holds the task's data: --data, a usual name in --data_dir, or a download."""
+    if cfg.data:
+        if not os.path.exists(cfg.data):
+            raise TaskError(f"--data '{cfg.data}' not found")
+        return cfg.data
+    if cfg.data_dir and task in FILES:
+        import glob
+        for where in (os.path.join(cfg.data_dir, task), cfg.data_dir):
+            for pattern in FILES[task]:
+                if pattern == '.':
+                    if os.path.isdir(os.path.join(where, 'dev')):
+                        return where
+                    continue
+                found = sorted(glob.glob(os.path.join(glob.escape(where), pattern)))
+                found = [f for f in found if os.path.isfile(f)]
+                if found:
+                    return found[0]
+    if task == 'mmlu':
+        return download_mmlu(cfg)
+    if task not in SOURCES:
+        raise TaskError(f"{task} needs --data=FILE or --data_dir=FOLDER")
+    try:
+        paths = [cached_download(u, cfg.cache_dir, (10, cfg.timeout), retries=2) for u in SOURCES[task]]
+    except DownloadError as e:
+        where = f" in {cfg.data_dir}" if cfg.data_dir else ''
+        raise TaskError(f"no {task} data{where} and could not download it ({e}): pass --data=FILE or "
+                        f"--data_dir=FOLDER (names: {', '.join(FILES[task])})") from None
+    return paths[0]
+
+
+MMLU_SUBJECTS = '''abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology
+college_chemistry college_computer_science college_mathematics college_medicine college_physics computer_security
+conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts
+high_school_biology high_school_chemistry high_school_computer_science high_school_european_history
+high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics
+high_school_microeconomics high_school_physics high_school_psychology high_school_statistics
+high_school_us_history high_school_world_history human_aging human_sexuality international_law jurisprudence
+logical_fallacies machine_learning management marketing medical_genetics miscellaneous moral_disputes
+moral_scenarios nutrition philosophy prehistory professional_accounting professional_law professional_medicine
+professional_psychology public_relations security_studies sociology us_foreign_policy virology
+world_religions'''.split()
+
+
+def download_mmlu(cfg):
+    folder = os.path.join(cfg.cache_dir, 'mmlu')
+    try:
+        for split in ('dev', 'val'):
+            os.makedirs(os.path.join(folder, split), exist_ok=True)
+            for s in MMLU_SUBJECTS:
+                from configurator import download
+                download(f'{MMLU_URL}/{split}/{s}_{split}.csv', os.path.join(folder, split, f'{s}_{split}.csv'),
+                         (10, cfg.timeout), retries=2)
+    except DownloadError as e:
+        raise TaskError(f"no mmlu data and could not download it ({e}): pass --data=FOLDER or --data_dir=FOLDER "
+                        f"holding mmlu/dev/*_dev.csv and mmlu/val/ (or test/)") from None
+    return folder
+
+
+def read_text(path, task):
+    text, why = decode_file(path)
+    if text is None:
+        raise TaskError(f"{task}: '{path}' {why}")
+    return text
+
+
+def read_jsonl(path, task, fields):
+    """The records of a JSONL file, each checked to have fields (a dict of name -> type)."""
+    out = []
+    try:
+        lines = list(jsonl_lines(read_text(path, task), path))
+    except UserError as e:
+        raise TaskError(f"{task}: {e}") from None
+    for n, rec in lines:
+        if not isinstance(rec, dict) or any(not isinstance(_get(rec, k), t) for k, t in fields.items()):
+            want = ', '.join(f'"{k}"' for k in fields)
+            raise TaskError(f"{task}: {path}:{n} is not a {task} record (it needs {want}): is this the right file?")
+        out.append(rec)
+    if not out:
+        raise TaskError(f"{task}: '{path}' holds no items")
+    return out
+
+
+def _get(rec, dotted):
+    for k in dotted.split('.'):
+        rec = rec.get(k) if isinstance(rec, dict) else None
+    return rec
+
+
+def read_labels(path, task, n, name):
+    """PIQA's and Winogrande's labels, one per line in a .lst file beside the data."""
+    if not os.path.isfile(path):
+        raise TaskError(f"{task}: the labels file '{path}' is missing (it comes with the data as {name})")
+    labels = read_text(path, task).split()
+    if len(labels) < n:
+        raise TaskError(f"{task}: '{path}' has {len(labels)} labels for {n} items")
+    return labels[:n]
+
+
+def hellaswag_clean(text):
+    """lm-eval's HellaSwag preprocessing: WikiHow's [title] and [step] artefacts out, double spaces single."""
+    text = text.strip().replace(' [title]', '. ')
+    return re.sub(r'\[.*?\]', '', text).replace('  ', ' ')
+
+
+def mc(context, choices, gold, **kw):
+    """A multiple-choice item as lm-eval builds it: context, then ' ' + choice for each choice."""
+    return Item([context], [' ' + c for c in choices], gold, [len(c) for c in choices], **kw)
+
+
+def letters_question(stem, choices):
+    letters = 'ABCDE'[:len(choices)]
+    return {'text': stem.strip() + '\n' + '\n'.join(f'{l}. {c}' for l, c in zip(letters, choices)),
+            'letters': letters}
+
+
+def load_hellaswag(path):
+    if path.endswith('.txt'):  # llama.cpp's form: 6 lines an item (context, gold 0-3, four endings)
+        lines = read_text(path, 'hellaswag').splitlines()
+        if len(lines) < 6 or len(lines) % 6 not in (0,) and lines[-1].strip():
+            raise TaskError(f"hellaswag: '{path}' is not llama.cpp's 6-lines-an-item form (context, label, 4 endings)")
+        items = []
+        for i in range(0, len(lines) - 5, 6):
+            ctx, label, endings = lines[i], lines[i + 1].strip(), lines[i + 2:i + 6]
+            if label not in '0123' or not label:
+                raise TaskError(f"hellaswag: {path}:{i + 2} should be the gold label 0-3, not {label[:20]!r}")
+            items.append(mc(hellaswag_clean(ctx), [hellaswag_clean(e) for e in endings], int(label)))
+        return items
+    recs = read_jsonl(path, 'hellaswag', {'ctx_a': str, 'ctx_b': str, 'activity_label': str, 'endings': list})
+    items = []
+    for r in recs:
+        if 'label' not in r:
+            raise TaskError(f"hellaswag: '{path}' has no labels (the test split is unlabelled): use the val split")
+        query = hellaswag_clean(r['activity_label'] + ': ' + r['ctx_a'] + ' ' + r['ctx_b'].capitalize())
+        items.append(mc(query, [hellaswag_clean(e) for e in r['endings']], int(r['label'])))
+    return items
+
+
+def load_arc(path, task, prefix=True):
+    """ARC and OpenBookQA (AI2's jsonl: question.stem, question.choices[].text/label, answerKey)."""
+    items = []
+    for r in read_jsonl(path, task, {'question.stem': str, 'question.choices': list, 'answerKey': str}):
+        labels = [c['label'] for c in r['question']['choices']]
+        texts = [c['text'] for c in r['question']['choices']]
+        if r['answerKey'].strip() not in labels:
+            raise TaskError(f"{task}: '{path}': answerKey {r['answerKey']!r} is not one of the choices {labels}")
+        stem = r['question']['stem']
+        ctx = f'Question: {stem}\nAnswer:' if prefix else stem
+        items.append(mc(ctx, texts, labels.index(r['answerKey'].strip()), question=letters_question(stem, texts)))
+    return items
+
+
+def load_piqa(path):
+    recs = read_jsonl(path, 'piqa', {'goal': str, 'sol1': str, 'sol2': str})
+    lst = re.sub(r'(valid|train|test)(\.head\d+)?\.jsonl$', r'\1-labels\2.lst', path)
+    labels = [r['label'] for r in recs] if all('label' in r for r in recs) else \
+        read_labels(lst, 'piqa', len(recs), 'valid-labels.lst')
+    return [mc(f"Question: {r['goal']}\nAnswer:", [r['sol1'], r['sol2']], int(g),
+               question=letters_question(r['goal'], [r['sol1'], r['sol2']])) for r, g in zip(recs, labels)]
+
+
+def load_winogrande(path):
+    """The option fills the blank: the two contexts differ and the text after the blank is what is scored."""
+    recs = read_jsonl(path, 'winogrande', {'sentence': str, 'option1': str, 'option2': str})
+    if not all('answer' in r for r in recs):
+        lst = re.sub(r'(dev|train|test)(\.head\d+)?\.jsonl$', r'\1-labels\2.lst', path)
+        for r, a in zip(recs, read_labels(lst, 'winogrande', len(recs), 'dev-labels.lst')):
+            r['answer'] = a
+    items = []
+    for r in recs:
+        if r['sentence'].count('_') < 1 or str(r['answer']) not in ('1', '2'):
+            raise TaskError(f"winogrande: '{path}': a sentence without a blank or an answer not 1/2: {r['sentence'][:60]!r}")
+        i = r['sentence'].index('_')
+        rest = ' ' + r['sentence'][i + 1:].strip()
+        items.append(Item([r['sentence'][:i] + o for o in (r['option1'], r['option2'])], [rest],
+                          int(r['answer']) - 1, [len(rest) - 1] * 2))
+    return items
+
+
+def load_commonsenseqa(path):
+    items = []
+    for r in read_jsonl(path, 'commonsenseqa', {'question.stem': str, 'question.choices': list}):
+        texts = [c['text'] for c in r['question']['choices']]
+        labels = [c['label'] for c in r['question']['choices']]
+        if r.get('answerKey') not in labels:
+            raise TaskError(f"commonsenseqa: '{path}' has an item without a valid answerKey (the test split is "
+                            f"unlabelled): use the dev split")
+        q = letters_question(r['question']['stem'], texts)
+        ctx = 'Question: ' + q['text'].replace('\n', '\n', 1) + '\nAnswer:'
+        items.append(mc(ctx, labels, labels.index(r['answerKey']), question=q))
+    return items
+
+
+def load_boolq(path):
+    items = []
+    for r in read_jsonl(path, 'boolq', {'question': str, 'passage': str}):
+        label = r.get('label', r.get('answer'))
+        if isinstance(label, str):
+            label = {'true': True, 'false': False}.get(label.strip().lower())
+        if not isinstance(label, (bool, int)):
+            raise TaskError(f"boolq: '{path}' has an item without a true/false label")
+        items.append(mc(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ['no', 'yes'], int(bool(label)),
+                        question={'text': f"{r['passage']}\nQuestion: {r['question']}?", 'letters': 'AB',
+                                  'choices': ['no', 'yes']}))
+    return items
+
+
+def load_lambada(path):
+    items = []
+    for r in read_jsonl(path, 'lambada', {'text': str}):
+        words = r['text'].split(' ')
+        items.append(Item([' '.join(words[:-1])], [' ' + words[-1]], 0))
+    return items
+
+
+def load_mmlu(path, cfg):
+    """MMLU's csv files: a folder with dev/ (the few-shot examples) and test/ or val/ (what is scored)."""
+    import csv
+    dev, scored = os.path.join(path, 'dev'), None
+    for split in ('test', 'val'):
+        if os.path.isdir(os.path.join(path, split)):
+            scored = os.path.join(path, split)
+            break
+    if not os.path.isdir(dev) or scored is None:
+        raise TaskError(f"mmlu: '{path}' should hold dev/ and test/ (or val/) folders of SUBJECT_dev.csv files")
+
+    def rows(f, subject):
+        with open(f, encoding='utf-8', newline='') as fh:
+            out = [r for r in csv.reader(fh) if r]
+        for r in out:
+            if len(r) != 6 or r[5].strip() not in ('A', 'B', 'C', 'D'):
+                raise TaskError(f"mmlu: '{f}' is not MMLU's csv (question, A, B, C, D, answer letter)")
+        return out
+    shots = FEWSHOT['mmlu'] if cfg.num_fewshot < 0 else cfg.num_fewshot
+    items = []
+    for f in sorted(os.listdir(scored)):
+        subject = re.sub(r'_(test|val)\.csv$', '', f)
+        if not f.endswith('.csv') or subject == f:
+            continue
+        devfile = os.path.join(dev, f'{subject}_dev.csv')
+        examples = rows(devfile, subject)[:shots] if shots else []
+        if len(examples) < shots:
+            raise TaskError(f"mmlu: '{devfile}' is missing or has fewer than {shots} few-shot examples")
+        fmt = lambda r: r[0].strip() + ''.join(f'\n{l}. {c}' for l, c in zip('ABCD', r[1:5])) + '\nAnswer:'  # noqa
+        head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        shot_text = ''.join(fmt(r) + ' ' + r[5].strip() + '\n\n' for r in examples)
+        for r in rows(os.path.join(scored, f), subject):
+            q = letters_question(r[0], r[1:5])
+            items.append(Item([head + shot_text + fmt(r)], [' A', ' B', ' C', ' D'], 'ABCD'.index(r[5].strip()),
+                              [1, 1, 1, 1], group=subject, question=q))
+    if not items:
+        raise TaskError(f"mmlu: '{scored}' holds no SUBJECT_test.csv or SUBJECT_val.csv files")
+    return items
+
+
+def load_gsm8k(path, cfg):
+    """Few-shot examples: the first num_fewshot items of the file (GSM8K's train split, lm-eval's source, is not
+    at hand offline); they are then not scored."""
+    recs = read_jsonl(path, 'gsm8k', {'question': str, 'answer': str})
+    shots = FEWSHOT['gsm8k'] if cfg.num_fewshot < 0 else cfg.num_fewshot
+    if len(recs) <= shots:
+        raise TaskError(f"gsm8k: '{path}' has {len(recs)} items; {shots} go to the few-shot examples")
+    prefix = ''.join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in recs[:shots])
+    return [Item([prefix + f"Question: {r['question']}\nAnswer:"], [], 0, answer=r['answer'],
+                 question={'text': r['question']}) for r in recs[shots:]]
+
+
+def wikitext_pages(text):
+    """WikiText's articles: each starts at a top-level heading line ' = Title = '."""
+    pages, cur = [], []
+    for line in text.splitlines(keepends=True):
+        if re.match(r'^ = [^=].* = \n?$', line) and cur:
+            pages.append(''.join(cur))
+            cur = []
+        cur.append(line)
+    if ''.join(cur).strip():
+        pages.append(''.join(cur))
+    return [p for p in pages if p.strip()]
+
+
+def wikitext_detokenize(s):
+    """lm-eval's wikitext detokenizer (WikiText's spaced punctuation and @-@ back to plain text)."""
+    s = s.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    for a, b in ((' @-@ ', '-'), (' @,@ ', ','), (' @.@ ', '.'), (' : ', ': '), (' ; ', '; '), (' . ', '. '),
+                 (' ! ', '! '), (' ? ', '? '), (' , ', ', ')):
+        s = s.replace(a, b)
+    s = re.sub(r'\(\s*([^\)]*?)\s*\)', r'(\1)', s)
+    s = re.sub(r'\[\s*([^\]]*?)\s*\]', r'[\1]', s)
+    s = re.sub(r'{\s*([^}]*?)\s*}', r'{\1}', s)
+    s = re.sub(r'\"\s*([^\"]*?)\s*\"', r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    for a, b in (('= = = =', '===='), ('= = =', '==='), ('= =', '=='), (' \u00b0 ', '\u00b0'), (' \n', '\n'),
+                 ('\n ', '\n'), (' N ', ' 1 '), (" 's", "'s")):
+        s = s.replace(a, b)
+    return s
+
+
+def load_task(task, cfg):
+    path = find_data(task, cfg)
+    if task in ('wikitext', 'text'):
+        return path
+    if task == 'mmlu':
+        if not os.path.isdir(path):
+            raise TaskError(f"mmlu: '{path}' should be a folder holding dev/ and test/ (or val/)")
+        return load_mmlu(path, cfg)
+    if os.path.isdir(path):
+        raise TaskError(f"{task}: '{path}' is a folder; give the data file")
+    loaders = {'hellaswag': load_hellaswag, 'piqa': load_piqa, 'winogrande': load_winogrande,
+               'commonsenseqa': load_commonsenseqa, 'boolq': load_boolq, 'lambada': load_lambada,
+               'arc_easy': lambda p: load_arc(p, 'arc_easy'), 'arc_challenge': lambda p: load_arc(p, 'arc_challenge'),
+               'openbookqa': lambda p: load_arc(p, 'openbookqa', prefix=False),
+               'gsm8k': lambda p: load_gsm8k(p, cfg)}
+    return loaders[task](path)
+
+
+def subsample(items, cfg):
+    """The first --limit items (per MMLU subject), or with --shuffle a seeded random --limit of them."""
+    if not cfg.limit:
+        return items
+    groups = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.group, []).append(i)
+    keep = []
+    for idx in groups.values():
+        keep += sorted(random.Random(cfg.seed).sample(idx, min(cfg.limit, len(idx)))) if cfg.shuffle else \
+            idx[:cfg.limit]
+    return [items[i] for i in sorted(keep)]
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        with open(p, 'rb') as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# log-likelihoods, with the shared context run once
+
+class Scorer:
+    """Log-likelihoods of continuations, encoded as lm-evaluation-harness encodes them."""
+
+    def __init__(self, model, tok, dtype):
+        self.model, self.tok = model, tok
+        self.block = model.config.block_size
+        self.device = model.transformer.ln_f.weight.device
+        self.prefix = tok.bos_id if tok.bos_id is not None else \
+            (tok.eos_id[0] if isinstance(tok.eos_id, list) and tok.eos_id else tok.eos_id)
+        self.vocab = model.config.vocab_size
+        self.kept = None  # (tokens, [(k, v) per layer]) of the last prefix that ran
+
+    def encode(self, text):
+        ids = self.tok.encode(text)
+        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
+
+    def encode_pair(self, context, continuation):
+        """(context ids, continuation ids): the context's trailing spaces go to the continuation, and the
+        continuation's ids are the tail of encoding both together (as lm-eval's _encode_pair)."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        if not context:  # lm-eval: the prefix token (BOS, else EOS) stands for an empty context
+            if self.prefix is None:
+                raise TaskError("an empty context needs a BOS or EOS token, and this tokenizer has neither")
+            return [self.prefix], self.tok.encode(continuation)
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def reuse(self, prefix):
+        """How many of prefix's first tokens the last prefix's KV cache already holds, copied into the new cache.
+        MMLU's five examples, or GSM8K's, are the same for every question: they run once."""
+        kept, r = self.kept, 0
+        if kept is None:
+            return 0
+        n = min(len(kept[0]), len(prefix) - 1)  # at least one token must run, for its logits
+        while r < n and kept[0][r] == prefix[r]:
+            r += 1
+        if r < 16:  # not worth the copy
+            return 0
+        for blk, (k, v) in zip(self.model.transformer.h, kept[1]):
+            blk.attn.kv_cache.k[:, :, :r], blk.attn.kv_cache.v[:, :, :r] = k[:, :, :r], v[:, :, :r]
+        return r
+
+    def keep(self, prefix):
+        self.kept = (prefix, [(blk.attn.kv_cache.k[:, :, :len(prefix)].clone(),
+                               blk.attn.kv_cache.v[:, :, :len(prefix)].clone()) for blk in self.model.transformer.h])
+
+    def logits(self, x, pos):
+        """Logits (B, T, V) of x (B, T) at positions pos.. after what the KV cache holds."""
+        h = self.model.hidden(x, pos=pos)
+        return self.model.lm_head(self.model.transformer.ln_f(h)).float()
+
+    @torch.no_grad()
+    def score(self, pairs):
+        """[(sum of log-probabilities, is_greedy)] of each (context ids, continuation ids) pair. The inputs'
+        common prefix runs once, in one row; its KV cache is then copied to one row per pair, and the rest of the
+        pairs run in one batch."""
+        seqs, conts = [], []
+        for ctx, cont in pairs:
+            if not cont:
+                raise TaskError("a continuation encodes to no tokens")
+            if max(ctx + cont) >= self.vocab:
+                raise TaskError(f"the text encodes to token ids past the model's vocabulary ({self.vocab})")
+            s = (ctx + cont)[-(self.block + 1):]  # lm-eval: cut from the left to the model's length
+            seqs.append(s[:-1])
+            conts.append(s[len(s) - len(cont):] if len(cont) < len(s) else s[1:])
+        # the first scored position of each row, and the shared prefix (which must end at or before it)
+        first = [len(s) - len(c) for s, c in zip(seqs, conts)]
+        p = 0
+        while p < min(map(len, seqs)) and all(s[p] == seqs[0][p] for s in seqs):
+            p += 1
+        p = max(1, min(p, min(first) + 1))
+        rest = [s[p:] for s in seqs]
+        T = max(map(len, rest))
+        setup_cache(self.model, 1, p + T)
+        try:
+            r = self.reuse(seqs[0][:p])
+            head = self.logits(torch.tensor([seqs[0][r:p]], device=self.device), r)[0, -1]  # (V,)
+            self.keep(seqs[0][:p])
+            if T:
+                for blk in self.model.transformer.h:
+                    kv = blk.attn.kv_cache
+                    kv.k, kv.v = kv.k.repeat(len(seqs), 1, 1, 1), kv.v.repeat(len(seqs), 1, 1, 1)
+                x = torch.tensor([r + [0] * (T - len(r)) for r in rest], device=self.device)
+                out = self.logits(x, p)  # (n, T, V); right padding only sees itself and the past
+        finally:
+            setup_cache(self.model, None, 0)
+        results = []
+        for i, (f, c) in enumerate(zip(first, conts)):
+            # input position q predicts token q + 1: q = p - 1 is the prefix's last row, later ones come from out
+            rows = torch.stack([head if q == p - 1 else out[i, q - p] for q in range(f, f + len(c))])
+            logp = F.log_softmax(rows, dim=-1)
+            target = torch.tensor(c, device=logp.device)
+            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+        return results
+
+    @torch.no_grad()
+    def rolling(self, ids, batch_size):
+        """lm-eval's loglikelihood_rolling: the text's tokens predicted in non-overlapping windows of up to
+        block_size, the first token from the prefix token (BOS, else EOS; a vocabulary with neither, such as a
+        character-level one, leaves the first token unscored), the last window's context filled up to
+        block_size. ids: the text's tokens. Returns (sum of log-probabilities, tokens scored)."""
+        seq = ([self.prefix] if self.prefix is not None else []) + list(ids)
+        if len(seq) < 2:
+            return 0.0, 0
+        if max(seq) >= self.vocab:
+            raise TaskError(f"the text encodes to token ids past the model's vocabulary ({self.vocab})")
+        L, windows, done, todo = self.block, [], 0, len(seq) - 1
+        while done < todo:  # a window: inputs seq[start:end] predict seq[done + 1:end + 1], end = done + n
+            n = min(L, todo - done)
+            windows.append((seq[max(0, done + n - L):done + n], seq[done + 1:done + n + 1]))
+            done += n
+        total = 0.0
+        for length in sorted({len(w) for w, _ in windows}):  # equal lengths batch together
+            group = [w for w in windows if len(w[0]) == length]
+            for i in range(0, len(group), batch_size):
+                chunk = group[i:i + batch_size]
+                logp = F.log_softmax(self.model(torch.tensor([w for w, _ in chunk], device=self.device))[0].float(), -1)
+                for row, (_, tgt) in enumerate(chunk):
+                    t = torch.tensor(tgt, device=self.device)
+                    total += logp[row, length - len(tgt):].gather(1, t[:, None]).sum().item()
+        return total, todo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running the tasks
+
+def mean_stderr(xs):
+    """lm-eval's standard error of a mean: the sample standard deviation over sqrt(n)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def metric(xs):
+    return {'value': sum(xs) / len(xs), 'stderr': mean_stderr(xs)}
+
+
+def progress(items, task):
+    return tqdm(items, desc=task, unit='item', disable=None, dynamic_ncols=True)
+
+
+def pairs_of(item, scorer):
+    if len(item.contexts) == 1:
+        return [scorer.encode_pair(item.contexts[0], c) for c in item.continuations]
+    return [scorer.encode_pair(c, item.continuations[0]) for c in item.contexts]
+
+
+def argmax(xs):
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))  # the first of equal maxima, as numpy's argmax
+
+
+def run_choices(task, items, scorer):
+    """acc and acc_norm of multiple-choice items (and per-item log-likelihoods, for comparisons)."""
+    acc, acc_norm, lls, groups = [], [], [], {}
+    for it in progress(items, task):
+        ll = [l for l, _ in scorer.score(pairs_of(it, scorer))]
+        lls.append(ll)
+        acc.append(float(argmax(ll) == it.gold))
+        acc_norm.append(float(argmax([l / max(n, 1) for l, n in zip(ll, it.chars)]) == it.gold))
+        if it.group:
+            groups.setdefault(it.group, []).append(acc[-1])
+    out = {'acc': metric(acc), 'acc_norm': metric(acc_norm)}
+    if groups:  # MMLU: the mean over subjects (macro) beside the mean over all items (micro, lm-eval's group acc)
+        out = {'acc': metric(acc), 'acc_macro': {'value': sum(sum(g) / len(g) for g in groups.values()) / len(groups),
+                                                 'stderr': None}}
+        out['subjects'] = {k: {'value': sum(g) / len(g), 'n': len(g)} for k, g in sorted(groups.items())}
+    chance = sum(1 / max(len(it.contexts), len(it.continuations)) for it in items) / len(items)
+    return out, {'lls': lls}, chance
+
+
+def run_lambada(items, scorer):
+    lls, hits = [], []
+    for it in progress(items, 'lambada'):
+        (ll, greedy), = scorer.score(pairs_of(it, scorer))
+        lls.append(ll)
+        hits.append(float(greedy))
+    nll = metric([-l for l in lls])
+    ppl = math.exp(nll['value'])  # lm-eval's perplexity: exp of the mean negative log-likelihood per item
+    return {'acc': metric(hits), 'perplexity': {'value': ppl, 'stderr': nll['stderr'] and ppl * nll['stderr']}}, \
+        {'lls': lls}, 0.0
+
+
+STOP = ['Question:', '</s>', '<|im_end|>']  # lm-eval's gsm8k stops
+
+
+def normalise_answer(s):
+    """lm-eval's gsm8k exact_match: commas, '$', everything up to '#### ' and a final '.' removed; case ignored."""
+    for pattern in (',', r'\$', r'(?s).*#### ', r'\.$'):
+        s = re.sub(pattern, '', s)
+    return s.strip().lower()
+
+
+def extract(reply):
+    """(strict, flexible) answers: the number after '####', and the last number in the reply."""
+    m = re.search(r'#### (\-?[0-9\.\,]+)', reply)
+    strict = m.group(1) if m else '[invalid]'
+    found = re.findall(r'(-?[$0-9.,]{2,})|(-?[0-9]+)', reply)
+    flexible = next((g for g in found[-1] if g), '[invalid]') if found else '[invalid]'
+    return strict, flexible
+
+
+def generate(prompts, scorer, cfg, stop, desc):
+    """Greedy replies to the prompt texts, batched by length, each cut at its first stop string."""
+    model, tok = scorer.model, scorer.tok
+    room = scorer.block - cfg.max_gen_tokens
+    if room < 16:
+        raise TaskError(f"block_size {scorer.block} leaves no room for a prompt and {cfg.max_gen_tokens} new tokens: "
+                        f"lower --max_gen_tokens")
+    encoded = [scorer.encode(p)[-room:] for p in prompts]  # lm-eval cuts the context from the left too
+    for e in encoded:
+        if max(e) >= scorer.vocab:
+            raise TaskError(f"the text encodes to token ids past the model's vocabulary ({scorer.vocab})")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    replies = [None] * len(prompts)
+    with progress(range(len(prompts)), desc) as bar:
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            rows = model.generate([encoded[i] for i in idx], cfg.max_gen_tokens, temperature=0.0, eos_id=tok.eos_id,
+                                  stop=stop, decode=tok.decode)
+            for i, row in zip(idx, rows):
+                text = tok.decode(row[len(encoded[i]):])
+                for s in stop:
+                    text = text.split(s)[0]
+                replies[i] = text
+            bar.update(len(idx))
+    return replies
+
+
+def run_gsm8k(items, scorer, cfg, chat):
+    if chat:
+        prompts = [chat_text(scorer, it.question['text'] + '\nSolve it step by step, then give the final answer '
+                             'as a number after "####".') for it in items]
+        replies = generate(prompts, scorer, cfg, chat_stop(scorer), 'gsm8k')
+    else:
+        replies = generate([it.contexts[0] for it in items], scorer, cfg, STOP, 'gsm8k')
+    strict, flexible = [], []
+    for it, reply in zip(items, replies):
+        gold = normalise_answer(it.answer)
+        s, f = extract(reply)
+        strict.append(float(normalise_answer(s) == gold))
+        flexible.append(float(normalise_answer(f) == gold))
+    return {'exact_match_strict': metric(strict), 'exact_match_flexible': metric(flexible)}, \
+        {'replies': replies}, 0.0
+
+
+def chat_text(scorer, content):
+    return chat_prompt([{'role': 'user', 'content': content}], scorer.style)
+
+
+def chat_stop(scorer):
+    return scorer.style.stop or ['\nUser:']
+
+
+def run_chat_choices(task, items, scorer, cfg):
+    """Chat mode: the question and its lettered options through the chat template; the letter (or yes/no) is
+    read from the greedy reply. Unreadable replies count as wrong and are counted."""
+    prompts = []
+    for it in items:
+        q = it.question
+        if 'choices' in q:  # BoolQ
+            prompts.append(chat_text(scorer, q['text'] + '\nAnswer yes or no.'))
+        else:
+            prompts.append(chat_text(scorer, q['text'] + '\nAnswer with the letter of the correct option only.'))
+    saved, cfg.max_gen_tokens = cfg.max_gen_tokens, min(cfg.max_gen_tokens, 16)
+    try:
+        replies = generate(prompts, scorer, cfg, chat_stop(scorer), task)
+    finally:
+        cfg.max_gen_tokens = saved
+    hits, unread = [], 0
+    for it, reply in zip(items, replies):
+        q = it.question
+        if 'choices' in q:
+            m = re.search(r'\b(yes|no)\b', reply, re.IGNORECASE)
+            pick = q['choices'].index(m.group(1).lower()) if m else None
+        else:
+            m = re.search(rf'\b([{q["letters"]}])\b', reply)
+            pick = q['letters'].index(m.group(1)) if m else None
+        unread += pick is None
+        hits.append(float(pick == it.gold))
+    out = {'acc': metric(hits), 'unreadable': {'value': unread / len(items), 'stderr': None}}
+    return out, {'replies': replies}, sum(1 / len(it.question.get('choices', it.question.get('letters', 'AB')))
+                                          for it in items) / len(items)
+
+
+def run_perplexity(task, texts, scorer, cfg):
+    """Rolling log-likelihood of each document: token and word perplexity and bits per byte (words and bytes
+    counted on the text as stored, before any detokenizing, as lm-eval counts them)."""
+    ll, tokens, words, nbytes = 0.0, 0, 0, 0
+    for original, text in progress(texts, task):
+        ids = scorer.tok.encode(text) if isinstance(text, str) else text
+        logp, scored = scorer.rolling(ids, cfg.batch_size)
+        ll, tokens = ll + logp, tokens + scored
+        words += len(re.split(r'\s+', original))
+        nbytes += len(original.encode('utf-8'))
+    if not tokens:
+        raise TaskError(f"{task}: the text is empty")
+    return {'token_perplexity': {'value': math.exp(-ll / tokens), 'stderr': None},
+            'word_perplexity': {'value': math.exp(-ll / words), 'stderr': None},
+            'byte_perplexity': {'value': math.exp(-ll / nbytes), 'stderr': None},
+            'bits_per_byte': {'value': -ll / nbytes / math.log(2), 'stderr': None}}, \
+        {'tokens': tokens, 'words': words, 'bytes': nbytes}, None
+
+
+def perplexity_texts(task, path, scorer, cfg):
+    """[(the stored text, what is scored: text or token ids)]: WikiText's articles detokenized as lm-eval does;
+    for 'text', a text file, or a split of a prepare.py folder (its token ids)."""
+    if task == 'wikitext':
+        pages = wikitext_pages(read_text(path, task))
+        if not pages:
+            raise TaskError(f"wikitext: '{path}' holds no articles (lines ' = Title = ')")
+        pages = pages[:cfg.limit] if cfg.limit and not cfg.shuffle else \
+            [pages[i] for i in sorted(random.Random(cfg.seed).sample(range(len(pages)), min(cfg.limit, len(pages))))] \
+            if cfg.limit else pages
+        return [(p, wikitext_detokenize(p)) for p in pages]
+    if os.path.isdir(path):
+        ns = type('EvalData', (), {'eval_data': path, 'eval_split': 'val', 'max_eval_tokens': 0})
+        ids = eval_data_tokens(ns, scorer.tok)
+        return [(scorer.tok.decode(ids), ids)]
+    text = read_text(path, task)
+    return [(text, text)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report
+
+PRIMARY = {'acc_norm', 'acc', 'exact_match_flexible', 'word_perplexity'}
+CORE_METRIC = {'hellaswag': 'acc_norm', 'arc_easy': 'acc_norm', 'arc_challenge': 'acc_norm', 'piqa': 'acc_norm',
+               'openbookqa': 'acc_norm', 'winogrande': 'acc', 'commonsenseqa': 'acc', 'boolq': 'acc',
+               'lambada': 'acc', 'mmlu': 'acc', 'gsm8k': 'exact_match_flexible'}
+
+
+def core_score(results):
+    """nanochat's CORE: each task's accuracy centred on its chance level b, (acc - b) / (1 - b), averaged."""
+    centred = {}
+    for task, r in results.items():
+        name = CORE_METRIC.get(task)
+        if name == 'acc_norm' and 'acc_norm' not in r['metrics']:  # chat mode reads letters: acc only
+            name = 'acc'
+        if name and name in r['metrics'] and r.get('chance') is not None:
+            b = r['chance']
+            centred[task] = (r['metrics'][name]['value'] - b) / (1 - b)
+    return (sum(centred.values()) / len(centred) if centred else None), centred
+
+
+def markdown(report):
+    s = report['settings']
+    lines = [f"# Report card: {report['model']}", '',
+             f"{report['date']} · {report['device']} {report['dtype']} · "
+             f"{'chat template' if s['chat'] else 'log-likelihood / few-shot'} · limit {s['limit'] or 'none'}", '',
+             '| task | n | metric | value | ± stderr | centred | seconds |', '| --- | ---: | --- | ---: | ---: | ---: | ---: |']
+    for task, r in report['tasks'].items():
+        for name, m in r['metrics'].items():
+            if name == 'subjects':
+                continue
+            pct = not any(w in name for w in ('perplexity', 'bits'))
+            fmt = (lambda v: f'{100 * v:.2f}') if pct else (lambda v: f'{v:.4f}')
+            err = fmt(m['stderr']) if m.get('stderr') is not None else ''
+            cen = report['core']['centred'].get(task)
+            cen = f'{100 * cen:.2f}' if cen is not None and name == CORE_METRIC.get(task, '') else ''
+            lines.append(f"| {task} | {r['n']} | {name}{' %' if pct else ''} | {fmt(m['value'])} | {err} | {cen} | "
+                         f"{r['seconds']:.1f} |")
+    if report['core']['value'] is not None:
+        lines += ['', f"**CORE** (centred accuracy averaged over {len(report['core']['centred'])} tasks): "
+                      f"**{100 * report['core']['value']:.2f}**"]
+    for task, msg in report['errors'].items():
+        lines += ['', f"- {task}: not run: {msg}"]
+    return '\n'.join(lines) + '\n'
+
+
+def expand_tasks(spec):
+    names = []
+    for t in (x.strip().lower() for x in spec.split(',') if x.strip()):
+        names += CORE_TASKS if t == 'core' else ALL_TASKS if t == 'all' else [t]
+    return list(dict.fromkeys(names))
+
+
+def run_task(task, scorer, cfg):
+    t0 = time.time()
+    data = load_task(task, cfg)
+    extra = {'fewshot': (FEWSHOT.get(task, 0) if cfg.num_fewshot < 0 else cfg.num_fewshot)
+             if task in ('mmlu', 'gsm8k') else 0}
+    if task in ('wikitext', 'text'):
+        texts = perplexity_texts(task, data, scorer, cfg)
+        metrics, details, chance = run_perplexity(task, texts, scorer, cfg)
+        n, path = len(texts), find_data(task, cfg)
+    else:
+        items = subsample(data, cfg)
+        n, path = len(items), find_data(task, cfg)
+        if task == 'gsm8k':
+            metrics, details, chance = run_gsm8k(items, scorer, cfg, cfg.chat)
+        elif cfg.chat and all(it.question for it in items):
+            metrics, details, chance = run_chat_choices(task, items, scorer, cfg)
+        elif task == 'lambada':
+            metrics, details, chance = run_lambada(items, scorer)
+        else:
+            metrics, details, chance = run_choices(task, items, scorer)
+        if task == 'boolq':
+            chance = 0.5
+    return {'n': n, 'metrics': metrics, 'chance': chance, 'data': path, 'sha256': sha256_of(path),
+            'seconds': time.time() - t0, **extra}, details
+
+
+def evaluate(model, tok, cfg, tasks, dtype='float32'):
+    """{task: result} and {task: error} for the task names; a task that cannot run is an error line."""
+    scorer = Scorer(model, tok, dtype)
+    scorer.style = chat_style(tok)
+    results, errors, details = {}, {}, {}
+    for task in tasks:
+        if task not in ALL_TASKS + ['text']:
+            errors[task] = f"unknown task; choose from {', '.join(ALL_TASKS + ['text', 'core', 'all'])}"
+            continue
+        try:
+            results[task], details[task] = run_task(task, scorer, cfg)
+        except (TaskError, UserError) as e:
+            errors[task] = str(e).removeprefix(f'{task}: ')
+        except ValueError as e:  # e.g. a prompt longer than the model's block_size
+            errors[task] = f"the model cannot run it ({e})"
+        if task in errors:
+            print(f"error: {task}: {errors[task]}")
+        else:
+            r = results[task]
+            shown = ', '.join(f"{k} {v['value']:.4f}" for k, v in r['metrics'].items() if k != 'subjects')
+            print(f"{task}: {shown} (n={r['n']}, {r['seconds']:.1f}s)")
+    return results, errors, details
+
+
+def main(argv):
+    cfg = parse_config(EvalConfig, argv)
+    writable_file(cfg.report, 'report')
+    writable_file(cfg.json_out, 'json_out')
+    if cfg.limit < 0 or cfg.batch_size < 1 or cfg.max_gen_tokens < 1:
+        raise UserError("limit must be >= 0, and batch_size and max_gen_tokens >= 1")
+    tasks = expand_tasks(cfg.tasks)
+    if not tasks:
+        raise UserError(f"--tasks names no task; choose from {', '.join(ALL_TASKS + ['text', 'core', 'all'])}")
+    if cfg.data and len(tasks) > 1:
+        raise UserError(f"--data is the file of one task, but --tasks names {len(tasks)}: use --data_dir for several")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tok = load_model(cfg.init_from, device, dtype, cfg.trust_checkpoint)
+    if model.config.model_type == 'bert':
+        raise UserError("these benchmarks score a decoder (gpt or llama); a bert encoder does not predict text")
+    if cfg.pack and device == 'cpu':
+        pack_linears(model)
+    results, errors, _ = evaluate(model, tok, cfg, tasks, dtype)
+    core, centred = core_score(results)
+    report = {'model': cfg.init_from, 'date': time.strftime('%Y-%m-%d %H:%M'), 'device': device,
+              'dtype': str(dtype).replace('torch.', ''), 'settings': asdict(cfg), 'tasks': results,
+              'core': {'value': core, 'centred': centred}, 'errors': errors}
+    if core is not None:
+        print(f"CORE {100 * core:.2f} (centred accuracy over {len(centred)} tasks)")
+    json_path = cfg.json_out or (os.path.splitext(cfg.report)[0] + '.json' if cfg.report else '')
+    if json_path:
+        with atomic_write(json_path) as f:
+            json.dump(report, f, indent=2)
+    if cfg.report:
+        with atomic_write(cfg.report) as f:
+            f.write(markdown(report))
+        print(f"wrote {cfg.report}" + (f" and {json_path}" if json_path else ''))
+    if errors and not results:
+        raise UserError(f"no task ran ({len(errors)} failed)")
+    return report
+
+
+if __name__ == '__main__':
+    run_cli(main)
