@@ -1095,7 +1095,8 @@ def hf_settings(file):
     added = {t['content']: t['id'] for t in added}
     spacing = json.dumps([hf.get('pre_tokenizer'), hf.get('normalizer')], ensure_ascii=False)
     if model.get('byte_fallback') or 'Metaspace' in spacing or SPACE in spacing:  # SentencePiece's marks
-        return hf_sentencepiece(hf, added, file, hf_config(config, folder, eos_token=None, add_bos_token=True))
+        return hf_sentencepiece(hf, added, file, hf_config(config, folder, eos_token=None,
+                                                           add_bos_token=hf_adds_bos(hf, True)))
     normalizer = hf.get('normalizer') or {}  # none, one, or a Sequence of them
     normalizers = [n.get('type') for n in normalizer.get('normalizers', [normalizer]) if n]
     if normalizers not in ([], ['NFC'], ['NFD'], ['NFKC'], ['NFKD']):  # these unicodedata does exactly
@@ -1111,7 +1112,18 @@ def hf_settings(file):
         raise BPEError(f"{file} is not byte-level BPE: a token has the character {e.args[0]!r}") from None
     return dict(kind='bpe', ranks=ranks, pattern=pattern, special_tokens=added, merges=merges,
                 normalizer=normalizers[0] if normalizers else None, ignore_merges=bool(model.get('ignore_merges')),
-                **hf_config(config, folder, eos_token=ENDOFTEXT, add_bos_token=False))
+                **hf_config(config, folder, eos_token=ENDOFTEXT, add_bos_token=hf_adds_bos(hf, False)))
+
+
+def hf_adds_bos(hf, default):
+    """Whether tokenizer.json's post-processor puts a special token before the text (Llama 2's and Llama 3's
+    TemplateProcessing does): what transformers then adds, when tokenizer_config.json does not say."""
+    post = hf.get('post_processor') or {}
+    for step in post.get('processors', [post]) if isinstance(post, dict) else []:
+        if isinstance(step, dict) and step.get('type') == 'TemplateProcessing':
+            single = step.get('single') or []
+            return bool(single) and isinstance(single[0], dict) and 'SpecialToken' in single[0]
+    return default
 
 
 def hf_merges(model, file):

@@ -759,7 +759,7 @@ def run_perplexity(task, texts, scorer, cfg):
     counted on the text as stored, before any detokenizing, as lm-eval counts them)."""
     ll, tokens, words, nbytes = 0.0, 0, 0, 0
     for original, text in progress(texts, task):
-        ids = scorer.tok.encode(text) if isinstance(text, str) else text
+        ids = scorer.encode(text) if isinstance(text, str) else text  # with BOS where the model adds it, as lm-eval
         logp, scored = scorer.rolling(ids, cfg.batch_size)
         ll, tokens = ll + logp, tokens + scored
         words += len(re.split(r'\s+', original))

@@ -1,13 +1,11 @@
 """
-Generate text, chat and evaluate, from a train.py checkpoint or pretrained Hugging Face weights.
+Generate text and chat, from a train.py checkpoint or pretrained Hugging Face weights (eval.py scores them).
 
     python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2 --start="The meaning of life is" --stream=True
     python sample.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --chat=True
     python sample.py --init_from=SmolLM2-135M-Instruct.Q4_1.gguf --chat=True   # a llama.cpp / Ollama file
     python sample.py --init_from=out-x --prompts=prompts.jsonl --output=answers.jsonl
-    python sample.py --init_from=gpt2 --eval_data=wiki.valid.tokens      # perplexity, next-token accuracy
-    python sample.py --init_from=gpt2 --eval_mc=hellaswag_val.jsonl      # multiple-choice accuracy
 
 init_from is a train.py out_dir (ckpt.pt), a Hugging Face model folder (config.json + weights), gpt2 ..
 gpt2-xl, hf:org/name (downloaded once into a cache), or a .gguf file (llama.cpp, Ollama). Text goes through the
@@ -21,12 +19,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from configurator import UserError, atomic_write, decode_file, jsonl_lines, parse_config, run_cli, writable_file
 from model import pack_linears
-from train import (chat_prompt, chat_style, eval_data_tokens, eval_tokens, load_model, resolve_device, resolve_dtype,
-                   stream_text)
+from train import chat_prompt, chat_style, load_model, resolve_device, resolve_dtype, stream_text
 
 
 @dataclass
@@ -37,7 +33,7 @@ class SampleConfig:
     prompts: str = ''                # a file of prompts (.txt: one per line; .jsonl: {"prompt": ...}) -> JSONL
     output: str = ''                 # where --prompts writes its JSONL; '' = stdout
     num_samples: int = 3
-    batch_size: int = 8              # rows decoded (or evaluated) together
+    batch_size: int = 8              # rows decoded together
     max_new_tokens: int = 500
     temperature: float = 0.8         # 0 = greedy; < 1 sharper, > 1 more random
     top_k: int = 200                 # keep only the k most likely tokens; 0 = all
@@ -49,13 +45,6 @@ class SampleConfig:
     stream: bool = False             # print tokens as they are generated
     chat: bool = False               # interactive chat with history, in the model's chat template
     system: str = ''                 # chat: the system prompt
-    eval_data: str = ''              # a text file or a prepare.py folder: perplexity and next-token accuracy
-    eval_split: str = 'val'          # which split of a prepare.py folder
-    eval_mc: str = ''                # JSONL of multiple-choice items (HellaSwag style): accuracy
-    eval_stride: int = 0             # evaluation windows advance by this many tokens; 0 = block_size // 2
-    max_eval_tokens: int = 0         # evaluate on the first this many tokens; 0 = all
-    max_eval_items: int = 0          # multiple choice: the first this many items; 0 = all
-    report: str = ''                 # write the evaluation figures here as JSON
     device: str = 'auto'
     dtype: str = 'auto'              # float32 | bfloat16 | float16 | auto; weights are converted to it
     compile: bool = False            # torch.compile the model's forward
@@ -227,80 +216,14 @@ def sample(model, tok, cfg):
         print(f'--------------- ({n} tokens in {dt:.1f}s, {n / max(dt, 1e-9):.0f} tokens/s)')
 
 
-# ----------------------------------------------------------------------------------------------------------
-# evaluation
-
-def read_mc(path):
-    """Multiple-choice items from JSONL: {"ctx" | "context", "endings" | "choices", "label" | "gold"}."""
-    if not os.path.isfile(path):
-        raise UserError(f"multiple-choice file '{path}' not found")
-    items = []
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ctx = rec.get('ctx', rec.get('context'))
-                endings = rec.get('endings', rec.get('choices'))
-                label = int(rec.get('label', rec.get('gold')))
-                assert isinstance(ctx, str) and isinstance(endings, list) and all(isinstance(e, str) for e in endings)
-                assert 0 <= label < len(endings)
-            except (json.JSONDecodeError, AttributeError, TypeError, ValueError, AssertionError):
-                raise UserError(f"{path}:{n} is not a multiple-choice item: each line needs \"ctx\" (text), "
-                                f"\"endings\" (a list of texts) and \"label\" (the right ending's index)") from None
-            items.append((ctx, endings, label))
-    if not items:
-        raise UserError(f"multiple-choice file '{path}' has no items")
-    return items
-
-
-@torch.no_grad()
-def score_endings(model, tok, ctx, endings):
-    """Summed loss and token count of each ending after the context, all endings in one batch."""
-    block, device = model.config.block_size, next(model.parameters()).device
-    ctx_ids, rows = tok.encode(ctx), []
-    for e in endings:  # an ending continues the context after a space, as HellaSwag's do
-        cont = tok.encode(e if ctx[-1:].isspace() or e[:1].isspace() else ' ' + e)
-        seq = (ctx_ids + cont)[-(block + 1):]
-        rows.append((seq, min(len(cont), len(seq) - 1)))
-    T = max(len(s) for s, _ in rows) - 1
-    x = torch.tensor([s[:-1] + [0] * (T + 1 - len(s)) for s, _ in rows], device=device)
-    y = torch.tensor([[-100] * (len(s) - 1 - n) + s[-n:] + [-100] * (T + 1 - len(s)) for s, n in rows], device=device)
-    nll = F.cross_entropy(model(x)[0].float().transpose(1, 2), y, ignore_index=-100, reduction='none').sum(1)
-    return nll.tolist(), [n for _, n in rows]
-
-
-def eval_mc(model, tok, items):
-    """acc: the ending with the lowest summed loss is right; acc_norm: the lowest loss per token."""
-    hits, hits_norm = 0, 0
-    for ctx, endings, label in items:
-        losses, counts = score_endings(model, tok, ctx, endings)
-        hits += min(range(len(endings)), key=lambda i: losses[i]) == label
-        hits_norm += min(range(len(endings)), key=lambda i: losses[i] / counts[i]) == label
-    return {'acc': hits / len(items), 'acc_norm': hits_norm / len(items), 'items': len(items)}
-
-
-def evaluate(model, tok, cfg):
-    report = {'init_from': cfg.init_from, 'dtype': str(next(model.parameters()).dtype).replace('torch.', '')}
-    t0 = time.time()
-    if cfg.eval_data:
-        r = eval_tokens(model, eval_data_tokens(cfg, tok), cfg.eval_stride, cfg.batch_size)
-        print(f"{cfg.eval_data}: loss {r['loss']:.4f}, perplexity {r['ppl']:.3f}, next-token accuracy "
-              f"{r['acc']:.2%} over {r['tokens']:,} tokens")
-        report['text'] = {'data': cfg.eval_data, **r}
-    if cfg.eval_mc:
-        items = read_mc(cfg.eval_mc)[:cfg.max_eval_items or None]
-        r = eval_mc(model, tok, items)
-        print(f"{cfg.eval_mc}: accuracy {r['acc']:.2%}, length-normalised {r['acc_norm']:.2%} over {r['items']} items")
-        report['multiple_choice'] = {'data': cfg.eval_mc, **r}
-    report['seconds'] = round(time.time() - t0, 1)
-    if cfg.report:
-        with open(cfg.report, 'w') as f:
-            json.dump(report, f, indent=2)
+EVAL_KEYS = ('--eval_data', '--eval_mc', '--eval_split', '--eval_stride', '--max_eval_tokens', '--max_eval_items',
+             '--report')
 
 
 def main(argv):
+    if any(a.split('=')[0] in EVAL_KEYS for a in argv):
+        raise UserError("evaluation has moved to eval.py: python eval.py --init_from=MODEL --tasks=text "
+                        "--data=FILE_OR_DATA_FOLDER (or --tasks=hellaswag,mmlu,... --data_dir=FOLDER)")
     cfg = parse_config(SampleConfig, argv)
     if cfg.out_dir:
         if cfg.init_from not in (SampleConfig.init_from, cfg.out_dir):
@@ -308,7 +231,6 @@ def main(argv):
                             f"and {cfg.out_dir!r}")
         cfg.init_from = cfg.out_dir
     writable_file(cfg.output, 'output')
-    writable_file(cfg.report, 'report')
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0 or cfg.top_k < 0 or cfg.batch_size < 1:
         raise UserError("num_samples and batch_size must be >= 1 and max_new_tokens, temperature and top_k >= 0")
     if not (0 < cfg.top_p <= 1 and 0 <= cfg.min_p < 1 and cfg.repetition_penalty > 0):
@@ -320,10 +242,6 @@ def main(argv):
         model.forward = torch.compile(model.forward, dynamic=True)
     elif cfg.pack and device == 'cpu':
         pack_linears(model)
-    if cfg.eval_data or cfg.eval_mc:
-        if model.config.model_type == 'bert':
-            raise UserError("perplexity and multiple choice need a decoder (gpt or llama), not a bert encoder")
-        return evaluate(model, tok, cfg)
     if not hasattr(model, 'generate'):
         raise UserError(f"'{cfg.init_from}' holds a {model.config.model_type} encoder, which does not generate "
                         f"text; sample from a gpt or llama checkpoint")

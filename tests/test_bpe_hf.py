@@ -277,3 +277,19 @@ def test_file_errors(tmp_path):
     (tmp_path / 'tokenizer.json').write_text('{"model": ')
     with pytest.raises(BPEError, match='is not JSON'):
         bpe.Tokenizer.from_hf(tmp_path)
+
+
+def test_a_post_processor_that_prepends_bos_means_add_bos_token(tmp_path, text):
+    """Llama 2/3's tokenizer.json add BOS through a TemplateProcessing post-processor; transformers and
+    lm-evaluation-harness then prepend it, so the model expects it even when tokenizer_config.json is silent."""
+    from tokenizers import processors
+    folder = build(str(tmp_path / 'bos'), byte_level(), text[:50_000], vocab_size=400,
+                   config={'bos_token': '<pad>'})
+    assert bpe.Tokenizer.from_hf(folder).add_bos_token is False
+    hf = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+    hf.post_processor = processors.TemplateProcessing(single='<pad> $A', special_tokens=[('<pad>', 1)])
+    hf.save(os.path.join(folder, 'tokenizer.json'))
+    assert bpe.Tokenizer.from_hf(folder).add_bos_token is True
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'bos_token': '<pad>', 'add_bos_token': False}, f)  # the config's word wins
+    assert bpe.Tokenizer.from_hf(folder).add_bos_token is False

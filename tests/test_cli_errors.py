@@ -12,6 +12,7 @@ import finetune_lora
 import prepare
 import quantize
 import rag
+import eval as E
 import sample
 import train
 
@@ -57,7 +58,7 @@ def test_output_folders_that_are_files_and_files_that_are_folders(paths, char_da
         (rag, ['eval', f'--report={a_dir}'], 'is a folder'),
         (rag, ['tune', f'--out_dir={a_file}/x/y'], 'which is a file'),
         (sample, ['--init_from=gpt2', f'--output={a_dir}'], 'is a folder'),
-        (sample, ['--init_from=gpt2', f'--report={a_file}/r.json'], 'which is a file'),
+        (E, ['--init_from=gpt2', f'--report={a_file}/r.md'], 'which is a file'),
         (finetune_lora, ['--data=x.json', f'--out_dir={a_file}'], 'is a file'),
     ]
     for module, args, message in cases:

@@ -194,7 +194,7 @@ def test_cli_report_and_checkpoint_that_sample_loads(char_run, char_data, tmp_pa
     model, tok = train.load_model(out)
     assert isinstance(model.lm_head, Q.Int8Linear)
     # sample.py's evaluation of the saved checkpoint gives the perplexity the report has
-    ids = train.eval_data_tokens(sample.SampleConfig(eval_data=str(char_data), max_eval_tokens=3000), tok)
+    ids = train.eval_data_tokens(Q.QuantizeConfig(eval_data=str(char_data), max_eval_tokens=3000), tok)
     assert abs(train.eval_tokens(model, ids, 0, 8)['ppl'] - r['result']['val_ppl']) < 1e-3
     sample.main([f'--init_from={out}', '--start=ROMEO:', '--max_new_tokens=5', '--num_samples=1', '--seed=1'])
 
@@ -233,4 +233,4 @@ def test_eval_refuses_a_char_dataset_with_another_vocabulary(char_run, tmp_path)
     prepare.main(['--dataset=text', f"--input={tmp_path / 'abc.txt'}", '--tokenizer=char', f'--out_dir={other}'])
     model, tok = train.load_model(char_run)
     with pytest.raises(UserError, match='not this model'):
-        train.eval_data_tokens(sample.SampleConfig(eval_data=str(other)), tok)
+        train.eval_data_tokens(Q.QuantizeConfig(eval_data=str(other)), tok)

@@ -179,39 +179,20 @@ def test_eval_counts_every_token_once_and_matches_the_model(loaded, trained):
     assert math.isclose(overlapped['ppl'], math.exp(overlapped['loss']))
 
 
-def test_eval_on_text_file_and_prepared_split(trained, char_data, tmp_path):
+def test_eval_on_text_file_and_prepared_split(trained, char_data, tmp_path):  # (moved here from sample.py)
+    import eval as E
     text = tmp_path / 'eval.txt'
     text.write_text(shakespeare()[5000:7000])
-    report = tmp_path / 'r.json'
-    sample.main([f'--init_from={trained}', f'--eval_data={text}', f'--report={report}', '--dtype=float32'])
-    r = json.loads(report.read_text())['text']
-    assert r['tokens'] == len(text.read_text()) - 1 and 1.0 < r['ppl'] < 30
-    sample.main([f'--init_from={trained}', f'--eval_data={char_data}', '--max_eval_tokens=3000',
-                 f'--report={report}', '--dtype=float32'])
-    assert json.loads(report.read_text())['text']['tokens'] == 2999
+    r = E.main([f'--init_from={trained}', '--tasks=text', f'--data={text}', '--dtype=float32'])['tasks']['text']
+    # a char vocabulary has no BOS or EOS to predict the first character from: the others are scored
+    assert r['metrics']['token_perplexity']['value'] < 30 and r['n'] == 1
+    r = E.main([f'--init_from={trained}', '--tasks=text', f'--data={char_data}', '--dtype=float32'])['tasks']['text']
+    assert 1.0 < r['metrics']['token_perplexity']['value'] < 30
 
 
-def test_multiple_choice_picks_the_lowest_loss_per_token(loaded, tmp_path):
-    model, tok = loaded
-    items = [('ROMEO: I will', ['go to bed', 'zqxj', 'speak'], 0), ('The king', ['is dead', 'Q'], 0),
-             ('JULIET:', ['O Romeo, Romeo', 'xx'], 1)]
-    path = tmp_path / 'mc.jsonl'
-    path.write_text(''.join(json.dumps({'ctx': c, 'endings': e, 'label': lab}) + '\n' for c, e, lab in items))
-    expect_norm = expect_sum = 0
-    for ctx, endings, label in items:  # the same scores computed one ending at a time
-        scores = []
-        for e in endings:
-            c, full = tok.encode(ctx), tok.encode(ctx + ' ' + e)
-            logits = model(torch.tensor([full[:-1]]))[0][0].float()
-            nll = F.cross_entropy(logits[len(c) - 1:], torch.tensor(full[len(c):]), reduction='sum').item()
-            scores.append((nll, nll / (len(full) - len(c))))
-        expect_sum += min(range(len(endings)), key=lambda i: scores[i][0]) == label
-        expect_norm += min(range(len(endings)), key=lambda i: scores[i][1]) == label
-    r = sample.eval_mc(model, tok, sample.read_mc(str(path)))
-    assert (r['acc'], r['acc_norm'], r['items']) == (expect_sum / 3, expect_norm / 3, 3)
-    path.write_text('{"ctx": "a", "endings": ["b"], "label": 3}\n')
-    with pytest.raises(UserError, match=r'mc.jsonl:1 is not a multiple-choice item'):
-        sample.read_mc(str(path))
+def test_evaluation_keys_point_to_eval_py(trained):
+    p = run(f'--init_from={trained}', '--eval_data=x.txt')
+    assert p.returncode == 2 and p.stderr.strip().startswith('error: evaluation has moved to eval.py: python eval.py')
 
 
 @pytest.mark.parametrize('args,message', [
@@ -219,7 +200,6 @@ def test_multiple_choice_picks_the_lowest_loss_per_token(loaded, tmp_path):
     (['--start=FILE:/nonexistent.txt'], "prompt file '/nonexistent.txt' not found"),
     (['--temperature=-1'], 'temperature and top_k >= 0'),
     (['--top_p=0'], 'top_p must be in (0, 1]'),
-    (['--eval_data=/nonexistent'], "eval_data '/nonexistent' not found"),
 ])
 def test_sample_errors(trained, args, message):
     p = run(f'--init_from={trained}', *args)

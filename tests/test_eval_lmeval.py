@@ -1,0 +1,302 @@
+"""eval.py against EleutherAI's lm-evaluation-harness itself: tiny random GPT-2 and Llama models saved as Hugging
+Face folders are scored by lm-eval's stock task configs (HFLM, pointed at local copies of the first items of the
+shared data in the Hugging Face datasets' layout) and by eval.py (its loaders reading the same items in their
+published formats). Per item and per choice the log-likelihoods agree to 1e-4, acc and acc_norm are the same,
+the prompts are the same strings, and WikiText's perplexities agree to 1e-4 relative.
+
+lm-eval is pointed at local files by a YAML of our own that includes the stock one (lm_eval/tasks/...) and
+overrides dataset_path to 'json' with dataset_kwargs.data_files, loaded by a TaskManager that indexes only our
+folder (include_defaults=False). The Llama's tokenizer adds a BOS token (as Llama 2's does), the GPT-2's none;
+the GPT-2's block of 128 tokens makes MMLU's 5-shot prompts be cut from the left and WikiText's pages run in
+many windows."""
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+# lm-eval's datasets and models would otherwise look for the Hugging Face hub; datasets reads these at import
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+lm_eval = pytest.importorskip('lm_eval')
+transformers = pytest.importorskip('transformers')
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import eval as ev  # noqa: E402
+import train  # noqa: E402
+from conftest import shared_file  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
+from weights import save_pretrained  # noqa: E402
+
+N = 5  # items per task (per MMLU subject)
+SUBJECTS = ['abstract_algebra', 'anatomy', 'global_facts']
+PAGES = 3  # WikiText articles
+MODELS = {  # the Llama: grouped-query attention and a block long enough for the MMLU prompts
+    'gpt': dict(model_type='gpt', n_layer=2, n_head=2, n_embd=32, block_size=128),
+    'llama': dict(model_type='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024),
+}
+TASKS = ['hellaswag', 'arc_easy', 'piqa', 'winogrande', 'mmlu']
+STOCK = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks')
+STOCK_YAML = {'hellaswag': 'hellaswag/hellaswag.yaml', 'arc_easy': 'arc/arc_easy.yaml', 'piqa': 'piqa/piqa.yaml',
+              'winogrande': 'winogrande/default.yaml', 'wikitext': 'wikitext/wikitext.yaml',
+              **{f'mmlu_{s}': f'mmlu/default/mmlu_{s}.yaml' for s in SUBJECTS}}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def tiktoken_cache():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TIKTOKEN_CACHE_DIR', shared_file('tiktoken_cache'))
+        yield
+
+
+def gpt2_tokenizer(bos):
+    """GPT-2's tokenizer as transformers writes it, from the offline tiktoken cache's encoder.json and vocab.bpe."""
+    folder = shared_file('tiktoken_cache')
+    files = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), 'rb') as f:
+            head = f.read(16)
+        files['vocab' if head.startswith(b'{"!": 0') else 'merges' if head.startswith(b'#version') else name] = name
+    with open(os.path.join(folder, files['vocab']), encoding='utf-8') as f:
+        vocab = json.load(f)
+    with open(os.path.join(folder, files['merges']), encoding='utf-8') as f:
+        merges = [tuple(line.split()) for line in f.read().split('\n')[1:] if line.strip()]
+    tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=merges, add_bos_token=bos)
+    assert tok.encode('hello world') == ([50256] if bos else []) + [31373, 995]
+    return tok
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    """kind -> a Hugging Face folder: random weights (std 0.2, so the choices' log-likelihoods differ), GPT-2's
+    tokenizer; the Llama's adds <|endoftext|> as BOS, and says so in tokenizer_config.json as Llama 2's does."""
+    out = {}
+    for seed, (kind, cfg) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(vocab_size=50257, **cfg))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.2)
+        folder = tmp_path_factory.mktemp(kind)
+        save_pretrained(model, str(folder))
+        bos = kind == 'llama'
+        gpt2_tokenizer(bos).save_pretrained(str(folder))
+        config = json.loads((folder / 'tokenizer_config.json').read_text())
+        (folder / 'tokenizer_config.json').write_text(json.dumps({**config, 'add_bos_token': bos}))
+        out[kind] = str(folder)
+    return out
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return str(path)
+
+
+def head_jsonl(path, n=N):
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """The first items of the shared files: pub/ in the published formats (eval.py's --data_dir layout), hf/ in the
+    Hugging Face datasets' fields, and yaml/ the lm-eval task configs that read hf/."""
+    root = tmp_path_factory.mktemp('data')
+    pub, hf, hf_records = root / 'pub', root / 'hf', {}
+
+    lines = open(shared_file('eval', 'hellaswag', 'hellaswag_val.head500.txt'), encoding='utf-8').read().splitlines()
+    recs = []
+    for i in range(0, 6 * N, 6):  # llama.cpp's 6-line items back into HellaSwag's fields
+        label, ctx = lines[i].split(': ', 1)
+        cut = ctx.rfind('. ')  # ctx_b: the last sentence's start, which lm-eval capitalises
+        recs.append({'activity_label': label, 'ctx_a': ctx[:cut + 1] if cut >= 0 else ctx,
+                     'ctx_b': ctx[cut + 2:] if cut >= 0 else '', 'endings': lines[i + 2:i + 6],
+                     'label': int(lines[i + 1])})
+    write_jsonl(pub / 'hellaswag' / 'hellaswag_val.jsonl', recs)
+    hf_records['hellaswag'] = [{**r, 'label': str(r['label'])} for r in recs]
+
+    recs = head_jsonl(shared_file('eval', 'arc_easy', 'ARC-Easy-Dev.jsonl'))
+    write_jsonl(pub / 'arc_easy' / 'ARC-Easy-Dev.jsonl', recs)
+    hf_records['arc_easy'] = [{'id': r.get('id', str(i)), 'question': r['question']['stem'],
+                               'choices': {'text': [c['text'] for c in r['question']['choices']],
+                                           'label': [c['label'] for c in r['question']['choices']]},
+                               'answerKey': r['answerKey']} for i, r in enumerate(recs)]
+
+    recs = head_jsonl(shared_file('eval', 'piqa', 'valid.head300.jsonl'))
+    labels = open(shared_file('eval', 'piqa', 'valid-labels.head300.lst')).read().split()[:N]
+    write_jsonl(pub / 'piqa' / 'valid.jsonl', recs)
+    (pub / 'piqa' / 'valid-labels.lst').write_text(''.join(f'{l}\n' for l in labels))
+    hf_records['piqa'] = [{'goal': r['goal'], 'sol1': r['sol1'], 'sol2': r['sol2'], 'label': int(l)}
+                          for r, l in zip(recs, labels)]
+
+    recs = head_jsonl(shared_file('eval', 'winogrande', 'dev.head300.jsonl'))
+    write_jsonl(pub / 'winogrande' / 'dev.jsonl', recs)
+    hf_records['winogrande'] = [{k: str(r[k]) for k in ('sentence', 'option1', 'option2', 'answer')} for r in recs]
+
+    for s in SUBJECTS:
+        for split, n in (('dev', None), ('val', N)):
+            with open(shared_file('eval', 'mmlu', split, f'{s}_{split}.csv'), encoding='utf-8', newline='') as f:
+                rows = [r for r in csv.reader(f) if r][:n]
+            os.makedirs(pub / 'mmlu' / split, exist_ok=True)
+            with open(pub / 'mmlu' / split / f'{s}_{split}.csv', 'w', encoding='utf-8', newline='') as f:
+                csv.writer(f).writerows(rows)
+            hf_records[f'mmlu_{s}', split] = [{'question': r[0], 'subject': s, 'choices': r[1:5],
+                                               'answer': 'ABCD'.index(r[5].strip())} for r in rows]
+
+    text = open(shared_file('wikitext2', 'wiki.valid.tokens'), encoding='utf-8').read()
+    pages = ev.wikitext_pages(text)[:PAGES]
+    (pub / 'wikitext').mkdir()
+    (pub / 'wikitext' / 'wiki.valid.tokens').write_text(''.join(pages), encoding='utf-8')
+    hf_records['wikitext'] = [{'page': p} for p in pages]
+
+    for task in STOCK_YAML:  # every split the stock config names reads the file (the few-shot one: MMLU's dev)
+        if task.startswith('mmlu'):
+            files = {'test': write_jsonl(hf / f'{task}_test.jsonl', hf_records[task, 'val']),
+                     'dev': write_jsonl(hf / f'{task}_dev.jsonl', hf_records[task, 'dev'])}
+        else:
+            path = write_jsonl(hf / f'{task}.jsonl', hf_records[task])
+            files = {split: path for split in ('train', 'validation', 'test')}
+        cfg = {'include': os.path.join(STOCK, STOCK_YAML[task]), 'dataset_path': 'json', 'dataset_name': None,
+               'dataset_kwargs': {'data_files': files, 'cache_dir': str(root / 'hf_cache')}}
+        if task.startswith('mmlu'):
+            cfg['num_fewshot'] = 5  # the usual MMLU setting (lm-eval --num_fewshot 5), eval.py's default
+        os.makedirs(root / 'yaml', exist_ok=True)
+        (root / 'yaml' / f'{task}.yaml').write_text(json.dumps(cfg, indent=1))  # JSON is YAML
+    return {'pub': str(pub), 'yaml': str(root / 'yaml'), 'pages': pages}
+
+
+@pytest.fixture(scope='module')
+def lmeval(folders, data):
+    """kind -> lm-eval's simple_evaluate output (with log_samples) for all the tasks, run once per kind."""
+    manager = TaskManager(include_path=data['yaml'], include_defaults=False)
+    cache = {}
+
+    def run(kind):
+        if kind not in cache:
+            lm = HFLM(pretrained=folders[kind], device='cpu', dtype='float32', batch_size=1,
+                      max_length=MODELS[kind]['block_size'])
+            cache[kind] = lm_eval.simple_evaluate(model=lm, tasks=list(STOCK_YAML), task_manager=manager,
+                                                  log_samples=True, bootstrap_iters=0)
+        return cache[kind]
+    return run
+
+
+@pytest.fixture(scope='module')
+def ours(folders):
+    """kind -> eval.py's Scorer for the saved folder, as eval.evaluate builds it."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            model, tok = train.load_model(folders[kind], 'cpu', 'float32')
+            scorer = ev.Scorer(model, tok, 'float32')
+            scorer.style = train.chat_style(tok)
+            cache[kind] = scorer
+        return cache[kind]
+    return get
+
+
+def load_items(task, pub):
+    folder = os.path.join(pub, task)
+    if task == 'mmlu':
+        return ev.load_mmlu(folder, ev.EvalConfig())
+    path = os.path.join(folder, sorted(os.listdir(folder))[0] if task != 'piqa' else 'valid.jsonl')
+    return {'hellaswag': ev.load_hellaswag, 'piqa': ev.load_piqa, 'winogrande': ev.load_winogrande,
+            'arc_easy': lambda p: ev.load_arc(p, 'arc_easy')}[task](path)
+
+
+def samples_of(result, task):
+    """lm-eval's logged samples of a task in document order (MMLU: its subjects in eval.py's order)."""
+    names = [f'mmlu_{s}' for s in sorted(SUBJECTS)] if task == 'mmlu' else [task]
+    return [s for name in names for s in sorted(result['samples'][name], key=lambda s: s['doc_id'])]
+
+
+def prompts_of(item):
+    """(context, continuation) per choice, as lm-eval's samples list them in 'arguments'."""
+    if len(item.contexts) == 1:
+        return [(item.contexts[0], c) for c in item.continuations]
+    return [(c, item.continuations[0]) for c in item.contexts]
+
+
+@pytest.mark.parametrize('kind', list(MODELS))
+@pytest.mark.parametrize('task', TASKS)
+def test_choices_match_lm_eval(lmeval, ours, data, kind, task):
+    result = lmeval(kind)
+    items = load_items(task, data['pub'])
+    samples = samples_of(result, task)
+    assert len(items) == len(samples) == (N * len(SUBJECTS) if task == 'mmlu' else N)
+    for it, s in zip(items, samples):  # the same prompts (MMLU's 5-shot ones whole), the same right answer
+        assert prompts_of(it) == [tuple(a) for a in s['arguments']]
+        # the right answer (Winogrande's is the option that fills the blank: its target is the text after it)
+        assert it.gold == (int(s['doc']['answer']) - 1 if task == 'winogrande' else s['target'])
+    metrics, details, _ = ev.run_choices(task, items, ours(kind))
+    for i, (mine, s) in enumerate(zip(details['lls'], samples)):
+        theirs = [r[0] for r in s['filtered_resps']]
+        assert mine == pytest.approx(theirs, abs=1e-4), f"{task} item {i}: {mine} vs lm-eval's {theirs}"
+    if task == 'mmlu':  # per subject, and over all items (lm-eval's group acc, weighted by size)
+        for subject in SUBJECTS:
+            assert metrics['subjects'][subject]['value'] == pytest.approx(
+                result['results'][f'mmlu_{subject}']['acc,none'], abs=1e-12)
+        assert metrics['acc']['value'] == pytest.approx(sum(s['acc'] for s in samples) / len(samples), abs=1e-12)
+        return
+    for name in ('acc', 'acc_norm') if task != 'winogrande' else ('acc',):
+        assert metrics[name]['value'] == pytest.approx(result['results'][task][f'{name},none'], abs=1e-12), name
+
+
+def test_mmlu_prompt_is_lm_evals_five_shot(lmeval, data):
+    """The whole 5-shot prompt, spelled out: description, dev examples with their answers, the question."""
+    first = samples_of(lmeval('gpt'), 'mmlu')[0]
+    item = load_items('mmlu', data['pub'])[0]
+    with open(os.path.join(data['pub'], 'mmlu', 'dev', 'abstract_algebra_dev.csv'), encoding='utf-8') as f:
+        dev = list(csv.reader(f))
+    assert len(dev) == 5
+    context = first['arguments'][0][0]
+    assert context.startswith('The following are multiple choice questions (with answers) about abstract algebra.'
+                              '\n\n' + dev[0][0].strip() + '\nA. ' + dev[0][1] + '\nB. ')
+    assert context.count('\nAnswer:') == 6 and context.endswith('\nAnswer:')
+    assert f'\nAnswer: {dev[4][5].strip()}\n\n' in context
+    assert item.contexts == [context] and item.continuations == [' A', ' B', ' C', ' D']
+
+
+@pytest.mark.parametrize('kind', list(MODELS))
+def test_wikitext_matches_lm_eval(lmeval, ours, data, kind):
+    result = lmeval(kind)
+    samples = sorted(result['samples']['wikitext'], key=lambda s: s['doc_id'])
+    pages = data['pages']
+    assert len(samples) == len(pages) == PAGES
+    scorer, cfg = ours(kind), ev.EvalConfig(batch_size=4)
+    texts = [(p, ev.wikitext_detokenize(p)) for p in pages]
+    for (page, text), s in zip(texts, samples):
+        assert s['arguments'][0][0] == text  # lm-eval's detokenizer, ours
+        theirs = s['filtered_resps'][0]
+        theirs = theirs[0] if isinstance(theirs, (list, tuple)) else theirs
+        metrics, counts, _ = ev.run_perplexity('wikitext', [(page, text)], scorer, cfg)
+        assert counts['tokens'] > scorer.block  # more than one window a page (the GPT-2's: a dozen or more)
+        mine = -math.log(metrics['word_perplexity']['value']) * counts['words']  # the page's log-likelihood
+        # (lm-eval rolls over tok_encode(text): with a tokenizer that adds a BOS, the Llama's, that BOS too)
+        assert mine == pytest.approx(theirs, rel=1e-5), f"page {s['doc_id']}: {mine} vs lm-eval's {theirs}"
+    metrics, counts, _ = ev.run_perplexity('wikitext', texts, scorer, cfg)
+    for name in ('word_perplexity', 'byte_perplexity', 'bits_per_byte'):
+        assert metrics[name]['value'] == pytest.approx(result['results']['wikitext'][f'{name},none'], rel=1e-4), name
+
+
+def test_cli_report_matches_lm_eval(lmeval, folders, data):
+    """eval.py end to end (--data_dir with the published files, its CPU weight packing on): lm-eval's numbers."""
+    result = lmeval('gpt')['results']
+    report = ev.main([f'--init_from={folders["gpt"]}', f'--data_dir={data["pub"]}', '--device=cpu',
+                      '--dtype=float32', f'--tasks={",".join(TASKS)},wikitext'])
+    assert not report['errors']
+    for task in TASKS[:-1]:
+        for name in ('acc', 'acc_norm') if task != 'winogrande' else ('acc',):
+            assert report['tasks'][task]['metrics'][name]['value'] == pytest.approx(result[task][f'{name},none'])
+    for s in SUBJECTS:
+        assert report['tasks']['mmlu']['metrics']['subjects'][s]['value'] == pytest.approx(result[f'mmlu_{s}']['acc,none'])
+    for name in ('word_perplexity', 'byte_perplexity', 'bits_per_byte'):
+        assert report['tasks']['wikitext']['metrics'][name]['value'] == pytest.approx(
+            result['wikitext'][f'{name},none'], rel=1e-4)
