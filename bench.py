@@ -1365,8 +1365,199 @@ def bench_gguf(argv):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------
+# eval: eval.py against lm-evaluation-harness on the same items (tests/test_eval_lmeval.py uses these too)
+
+def lmeval_yaml(subjects):
+    return {'hellaswag': 'hellaswag/hellaswag.yaml', 'arc_easy': 'arc/arc_easy.yaml', 'piqa': 'piqa/piqa.yaml',
+            'winogrande': 'winogrande/default.yaml', 'wikitext': 'wikitext/wikitext.yaml',
+            **{f'mmlu_{s}': f'mmlu/default/mmlu_{s}.yaml' for s in subjects}}
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return str(path)
+
+
+def head_jsonl(path, n):
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+def lmeval_data(root, n, subjects, pages, shared, mmlu_n=None):
+    """The first n items of the shared files (per MMLU subject; pages WikiText articles): root/pub in the
+    published formats (eval.py's --data_dir layout), root/hf in the Hugging Face datasets' fields, and root/yaml
+    the lm-eval task configs that include the stock ones and read root/hf. Returns those paths and the pages."""
+    import csv
+    import pathlib
+    import eval as ev
+    import lm_eval
+    N, SUBJECTS, PAGES, root = n, subjects, pages, pathlib.Path(root)
+    MMLU_N = mmlu_n or n
+    shared_file = lambda *parts: os.path.join(shared, *parts)  # noqa: E731
+    STOCK = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks')
+    STOCK_YAML = lmeval_yaml(subjects)
+    pub, hf, hf_records = root / 'pub', root / 'hf', {}
+
+    lines = open(shared_file('eval', 'hellaswag', 'hellaswag_val.head500.txt'), encoding='utf-8').read().splitlines()
+    recs = []
+    for i in range(0, 6 * N, 6):  # llama.cpp's 6-line items back into HellaSwag's fields
+        label, ctx = lines[i].split(': ', 1)
+        cut = ctx.rfind('. ')  # ctx_b: the last sentence's start, which lm-eval capitalises
+        recs.append({'activity_label': label, 'ctx_a': ctx[:cut + 1] if cut >= 0 else ctx,
+                     'ctx_b': ctx[cut + 2:] if cut >= 0 else '', 'endings': lines[i + 2:i + 6],
+                     'label': int(lines[i + 1])})
+    write_jsonl(pub / 'hellaswag' / 'hellaswag_val.jsonl', recs)
+    hf_records['hellaswag'] = [{**r, 'label': str(r['label'])} for r in recs]
+
+    recs = head_jsonl(shared_file('eval', 'arc_easy', 'ARC-Easy-Dev.jsonl'), N)
+    write_jsonl(pub / 'arc_easy' / 'ARC-Easy-Dev.jsonl', recs)
+    hf_records['arc_easy'] = [{'id': r.get('id', str(i)), 'question': r['question']['stem'],
+                               'choices': {'text': [c['text'] for c in r['question']['choices']],
+                                           'label': [c['label'] for c in r['question']['choices']]},
+                               'answerKey': r['answerKey']} for i, r in enumerate(recs)]
+
+    recs = head_jsonl(shared_file('eval', 'piqa', 'valid.head300.jsonl'), N)
+    labels = open(shared_file('eval', 'piqa', 'valid-labels.head300.lst')).read().split()[:N]
+    write_jsonl(pub / 'piqa' / 'valid.jsonl', recs)
+    (pub / 'piqa' / 'valid-labels.lst').write_text(''.join(f'{l}\n' for l in labels))
+    hf_records['piqa'] = [{'goal': r['goal'], 'sol1': r['sol1'], 'sol2': r['sol2'], 'label': int(l)}
+                          for r, l in zip(recs, labels)]
+
+    recs = head_jsonl(shared_file('eval', 'winogrande', 'dev.head300.jsonl'), N)
+    write_jsonl(pub / 'winogrande' / 'dev.jsonl', recs)
+    hf_records['winogrande'] = [{k: str(r[k]) for k in ('sentence', 'option1', 'option2', 'answer')} for r in recs]
+
+    for s in SUBJECTS:
+        for split, n in (('dev', None), ('val', MMLU_N)):
+            with open(shared_file('eval', 'mmlu', split, f'{s}_{split}.csv'), encoding='utf-8', newline='') as f:
+                rows = [r for r in csv.reader(f) if r][:n]
+            os.makedirs(pub / 'mmlu' / split, exist_ok=True)
+            with open(pub / 'mmlu' / split / f'{s}_{split}.csv', 'w', encoding='utf-8', newline='') as f:
+                csv.writer(f).writerows(rows)
+            hf_records[f'mmlu_{s}', split] = [{'question': r[0], 'subject': s, 'choices': r[1:5],
+                                               'answer': 'ABCD'.index(r[5].strip())} for r in rows]
+
+    text = open(shared_file('wikitext2', 'wiki.valid.tokens'), encoding='utf-8').read()
+    pages = ev.wikitext_pages(text)[:PAGES]
+    (pub / 'wikitext').mkdir()
+    (pub / 'wikitext' / 'wiki.valid.tokens').write_text(''.join(pages), encoding='utf-8')
+    hf_records['wikitext'] = [{'page': p} for p in pages]
+
+    for task in STOCK_YAML:  # every split the stock config names reads the file (the few-shot one: MMLU's dev)
+        if task.startswith('mmlu'):
+            files = {'test': write_jsonl(hf / f'{task}_test.jsonl', hf_records[task, 'val']),
+                     'dev': write_jsonl(hf / f'{task}_dev.jsonl', hf_records[task, 'dev'])}
+        else:
+            path = write_jsonl(hf / f'{task}.jsonl', hf_records[task])
+            files = {split: path for split in ('train', 'validation', 'test')}
+        cfg = {'include': os.path.join(STOCK, STOCK_YAML[task]), 'dataset_path': 'json', 'dataset_name': None,
+               'dataset_kwargs': {'data_files': files, 'cache_dir': str(root / 'hf_cache')}}
+        if task.startswith('mmlu'):
+            cfg['num_fewshot'] = 5  # the usual MMLU setting (lm-eval --num_fewshot 5), eval.py's default
+        os.makedirs(root / 'yaml', exist_ok=True)
+        (root / 'yaml' / f'{task}.yaml').write_text(json.dumps(cfg, indent=1))  # JSON is YAML
+    return {'pub': str(pub), 'yaml': str(root / 'yaml'), 'pages': pages}
+
+
+
+
+@dataclass
+class EvalBenchConfig:
+    gguf: str = os.path.join(SHARED_DATA, 'models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+    shared: str = SHARED_DATA
+    limit: int = 100          # items per task (and per MMLU subject: mmlu_items)
+    mmlu_subjects: str = 'abstract_algebra,anatomy,college_biology,high_school_us_history,marketing,virology'
+    mmlu_items: int = 10      # scored items per MMLU subject (5-shot from its dev file)
+    pages: int = 5            # WikiText articles
+    batch_size: int = 4       # lm-eval's requests per forward pass; eval.py runs one item's choices together
+    report: str = ''
+
+
+def bench_eval(argv):
+    """eval.py and lm-evaluation-harness (transformers backend, HFLM) on the same dequantized weights (the GGUF
+    through weights.py, exported with save_pretrained) and the same items of ../shared/data/eval, each task timed
+    on its own: the scores side by side, the gap in points, and the wall times."""
+    import transformers
+    import eval as ev
+    import lm_eval
+    import train
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from weights import save_pretrained
+    cfg = parse_config(EvalBenchConfig, argv)
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+    peak = {d: matmul_flops(getattr(torch, d), 'cpu', n=1024, reps=3) for d in ('float32', 'bfloat16')}
+    print(f"bench eval: {os.path.basename(cfg.gguf)} on {cpu_name()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, lm_eval {lm_eval.__version__}, transformers {transformers.__version__}; matmul "
+          f"peak float32 {peak['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:,.1f} GFLOP/s",
+          flush=True)
+    work = tempfile.mkdtemp(prefix='bench_eval_')
+    try:
+        model, tok = train.load_model(cfg.gguf, "cpu", "float32")
+        folder = os.path.join(work, 'hf')
+        save_pretrained(model, folder)
+        hf_gguf_tokenizer(cfg.gguf).save_pretrained(folder)
+        subjects = cfg.mmlu_subjects.split(',')
+        data = lmeval_data(os.path.join(work, 'data'), cfg.limit, subjects, cfg.pages, cfg.shared, cfg.mmlu_items)
+        pack_linears(model)
+        ecfg = ev.EvalConfig(data_dir=data['pub'], batch_size=cfg.batch_size)
+        manager = TaskManager(include_path=data['yaml'], include_defaults=False)
+        lm = HFLM(pretrained=folder, device='cpu', dtype='float32', batch_size=cfg.batch_size,
+                  max_length=model.config.block_size)
+        rows = []
+        for task, names in (('hellaswag', ['hellaswag']), ('arc_easy', ['arc_easy']), ('piqa', ['piqa']),
+                            ('winogrande', ['winogrande']), ('mmlu', [f'mmlu_{s_}' for s_ in subjects]),
+                            ('wikitext', ['wikitext'])):
+            results, errors, _ = ev.evaluate(model, tok, ecfg, [task])
+            if errors:
+                raise SystemExit(f"error: eval.py {task}: {errors[task]}")
+            t0 = time.time()
+            theirs = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
+                                             verbosity='ERROR')['results']
+            their_s = time.time() - t0
+            mine = results[task]
+            metrics = ['word_perplexity', 'bits_per_byte'] if task == 'wikitext' else \
+                ['acc'] if task in ('winogrande', 'mmlu') else ['acc', 'acc_norm']
+            for m in metrics:
+                if task == 'mmlu':  # lm-eval's group acc: the mean over all items (micro)
+                    n_all = [mine['metrics']['subjects'][s_]['n'] for s_ in subjects]
+                    their = sum(theirs[f'mmlu_{s_}'][f'{m},none'] * k for s_, k in zip(subjects, n_all)) / sum(n_all)
+                else:
+                    their = theirs[task][f'{m},none']
+                rows.append(dict(task=task, n=mine['n'], metric=m, ours=mine['metrics'][m]['value'], lm_eval=their,
+                                 ours_s=mine['seconds'], lm_eval_s=their_s))
+            print(f"{task}: done ({mine['seconds']:.1f}s ours, {their_s:.1f}s lm-eval)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print('\n| task | n | metric | eval.py | lm-eval | gap (points) | eval.py s | lm-eval s | speed-up |')
+    print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for r in rows:
+        pts = 'perplexity' not in r['metric'] and 'bits' not in r['metric']
+        f = (lambda v: f'{100 * v:.2f}') if pts else (lambda v: f'{v:.4f}')
+        gap = f"{100 * (r['ours'] - r['lm_eval']):+.2f}" if pts else f"{(r['ours'] / r['lm_eval'] - 1):+.2%} rel"
+        print(f"| {r['task']} | {r['n']} | {r['metric']} | {f(r['ours'])} | {f(r['lm_eval'])} | {gap} | "
+              f"{r['ours_s']:.1f} | {r['lm_eval_s']:.1f} | {r['lm_eval_s'] / max(r['ours_s'], 1e-9):.1f}x |")
+    mc = [r for r in rows if r['task'] not in ('wikitext',)]
+    worst = max(abs(r['ours'] - r['lm_eval']) for r in mc) * 100
+    hs = next(r for r in rows if r['task'] == 'hellaswag')
+    print(f"target: every multiple-choice score within 0.2 points of lm-eval's: worst gap {worst:.2f} "
+          f"{'met' if worst <= 0.2 else 'MISSED'}")
+    x = hs['lm_eval_s'] / hs['ours_s']
+    print(f"target: HellaSwag >= 3x faster than lm-eval at batch size {cfg.batch_size}: {x:.1f}x "
+          f"{'met' if x >= 3 else 'MISSED'}")
+    if cfg.report:
+        with open(cfg.report, 'w') as f:
+            json.dump(dict(rows=rows, peak=peak, cpu=cpu_name()), f, indent=1)
+    return rows
+
+
+
 BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
-           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf}
+           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf, 'eval': bench_eval}
 
 
 def main(argv):

@@ -473,8 +473,10 @@ class Scorer:
         self.model, self.tok = model, tok
         self.block = model.config.block_size
         self.device = model.transformer.ln_f.weight.device
-        self.prefix = tok.bos_id if tok.bos_id is not None else \
-            (tok.eos_id[0] if isinstance(tok.eos_id, list) and tok.eos_id else tok.eos_id)
+        # lm-eval's prefix token for an empty context: the tokenizer's BOS (even one it does not add), else its EOS
+        bos = tok.bos_id if tok.bos_id is not None else getattr(tok.bpe, 'bos_token_id', None)
+        eos = tok.eos_id[0] if isinstance(tok.eos_id, list) and tok.eos_id else tok.eos_id
+        self.prefix = bos if bos is not None else eos
         self.vocab = model.config.vocab_size
         self.kept = None  # (tokens, [(k, v) per layer]) of the last prefix that ran
 

@@ -25,6 +25,7 @@ transformers = pytest.importorskip('transformers')
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import bench  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
 from conftest import shared_file  # noqa: E402
@@ -39,10 +40,7 @@ MODELS = {  # the Llama: grouped-query attention and a block long enough for the
     'llama': dict(model_type='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024),
 }
 TASKS = ['hellaswag', 'arc_easy', 'piqa', 'winogrande', 'mmlu']
-STOCK = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks')
-STOCK_YAML = {'hellaswag': 'hellaswag/hellaswag.yaml', 'arc_easy': 'arc/arc_easy.yaml', 'piqa': 'piqa/piqa.yaml',
-              'winogrande': 'winogrande/default.yaml', 'wikitext': 'wikitext/wikitext.yaml',
-              **{f'mmlu_{s}': f'mmlu/default/mmlu_{s}.yaml' for s in SUBJECTS}}
+STOCK_YAML = bench.lmeval_yaml(SUBJECTS)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -91,84 +89,9 @@ def folders(tmp_path_factory):
     return out
 
 
-def write_jsonl(path, records):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
-    return str(path)
-
-
-def head_jsonl(path, n=N):
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line, _ in zip(f, range(n))]
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    """The first items of the shared files: pub/ in the published formats (eval.py's --data_dir layout), hf/ in the
-    Hugging Face datasets' fields, and yaml/ the lm-eval task configs that read hf/."""
-    root = tmp_path_factory.mktemp('data')
-    pub, hf, hf_records = root / 'pub', root / 'hf', {}
-
-    lines = open(shared_file('eval', 'hellaswag', 'hellaswag_val.head500.txt'), encoding='utf-8').read().splitlines()
-    recs = []
-    for i in range(0, 6 * N, 6):  # llama.cpp's 6-line items back into HellaSwag's fields
-        label, ctx = lines[i].split(': ', 1)
-        cut = ctx.rfind('. ')  # ctx_b: the last sentence's start, which lm-eval capitalises
-        recs.append({'activity_label': label, 'ctx_a': ctx[:cut + 1] if cut >= 0 else ctx,
-                     'ctx_b': ctx[cut + 2:] if cut >= 0 else '', 'endings': lines[i + 2:i + 6],
-                     'label': int(lines[i + 1])})
-    write_jsonl(pub / 'hellaswag' / 'hellaswag_val.jsonl', recs)
-    hf_records['hellaswag'] = [{**r, 'label': str(r['label'])} for r in recs]
-
-    recs = head_jsonl(shared_file('eval', 'arc_easy', 'ARC-Easy-Dev.jsonl'))
-    write_jsonl(pub / 'arc_easy' / 'ARC-Easy-Dev.jsonl', recs)
-    hf_records['arc_easy'] = [{'id': r.get('id', str(i)), 'question': r['question']['stem'],
-                               'choices': {'text': [c['text'] for c in r['question']['choices']],
-                                           'label': [c['label'] for c in r['question']['choices']]},
-                               'answerKey': r['answerKey']} for i, r in enumerate(recs)]
-
-    recs = head_jsonl(shared_file('eval', 'piqa', 'valid.head300.jsonl'))
-    labels = open(shared_file('eval', 'piqa', 'valid-labels.head300.lst')).read().split()[:N]
-    write_jsonl(pub / 'piqa' / 'valid.jsonl', recs)
-    (pub / 'piqa' / 'valid-labels.lst').write_text(''.join(f'{l}\n' for l in labels))
-    hf_records['piqa'] = [{'goal': r['goal'], 'sol1': r['sol1'], 'sol2': r['sol2'], 'label': int(l)}
-                          for r, l in zip(recs, labels)]
-
-    recs = head_jsonl(shared_file('eval', 'winogrande', 'dev.head300.jsonl'))
-    write_jsonl(pub / 'winogrande' / 'dev.jsonl', recs)
-    hf_records['winogrande'] = [{k: str(r[k]) for k in ('sentence', 'option1', 'option2', 'answer')} for r in recs]
-
-    for s in SUBJECTS:
-        for split, n in (('dev', None), ('val', N)):
-            with open(shared_file('eval', 'mmlu', split, f'{s}_{split}.csv'), encoding='utf-8', newline='') as f:
-                rows = [r for r in csv.reader(f) if r][:n]
-            os.makedirs(pub / 'mmlu' / split, exist_ok=True)
-            with open(pub / 'mmlu' / split / f'{s}_{split}.csv', 'w', encoding='utf-8', newline='') as f:
-                csv.writer(f).writerows(rows)
-            hf_records[f'mmlu_{s}', split] = [{'question': r[0], 'subject': s, 'choices': r[1:5],
-                                               'answer': 'ABCD'.index(r[5].strip())} for r in rows]
-
-    text = open(shared_file('wikitext2', 'wiki.valid.tokens'), encoding='utf-8').read()
-    pages = ev.wikitext_pages(text)[:PAGES]
-    (pub / 'wikitext').mkdir()
-    (pub / 'wikitext' / 'wiki.valid.tokens').write_text(''.join(pages), encoding='utf-8')
-    hf_records['wikitext'] = [{'page': p} for p in pages]
-
-    for task in STOCK_YAML:  # every split the stock config names reads the file (the few-shot one: MMLU's dev)
-        if task.startswith('mmlu'):
-            files = {'test': write_jsonl(hf / f'{task}_test.jsonl', hf_records[task, 'val']),
-                     'dev': write_jsonl(hf / f'{task}_dev.jsonl', hf_records[task, 'dev'])}
-        else:
-            path = write_jsonl(hf / f'{task}.jsonl', hf_records[task])
-            files = {split: path for split in ('train', 'validation', 'test')}
-        cfg = {'include': os.path.join(STOCK, STOCK_YAML[task]), 'dataset_path': 'json', 'dataset_name': None,
-               'dataset_kwargs': {'data_files': files, 'cache_dir': str(root / 'hf_cache')}}
-        if task.startswith('mmlu'):
-            cfg['num_fewshot'] = 5  # the usual MMLU setting (lm-eval --num_fewshot 5), eval.py's default
-        os.makedirs(root / 'yaml', exist_ok=True)
-        (root / 'yaml' / f'{task}.yaml').write_text(json.dumps(cfg, indent=1))  # JSON is YAML
-    return {'pub': str(pub), 'yaml': str(root / 'yaml'), 'pages': pages}
+    return bench.lmeval_data(tmp_path_factory.mktemp('data'), N, SUBJECTS, PAGES, shared_file('.'))
 
 
 @pytest.fixture(scope='module')
