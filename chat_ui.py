@@ -805,7 +805,12 @@ def metrics(h):
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
                     pass  # a line being written right now
-    h.send(200, {'path': path, 'exists': os.path.isfile(path), 'records': records})
+    card = os.path.join(os.path.dirname(path), 'eval_report.md')  # eval.py --report=<run>/eval_report.md
+    report = ''
+    if os.path.isfile(card):
+        with open(card, encoding='utf-8', errors='replace') as f:
+            report = f.read(1 << 16)  # a report card is a few KB; never send a huge file
+    h.send(200, {'path': path, 'exists': os.path.isfile(path), 'records': records, 'report': report})
 
 
 def page(name):

@@ -497,29 +497,24 @@ class Scorer:
         whole, ctx = self.encode(context + continuation), self.encode(context)
         return ctx, whole[len(ctx):]
 
-    def reuse(self, prefix):
-        """How many of prefix's first tokens the last prefix's KV cache already holds, copied into the new cache.
-        MMLU's five examples, or GSM8K's, are the same for every question: they run once."""
+    def matched(self, prefix):
+        """How many of prefix's first tokens the last prefix's KV cache holds (0 if too few to bother). MMLU's
+        five examples, or GSM8K's, are the same for every question: they run once."""
         kept, r = self.kept, 0
         if kept is None:
             return 0
         n = min(len(kept[0]), len(prefix) - 1)  # at least one token must run, for its logits
         while r < n and kept[0][r] == prefix[r]:
             r += 1
-        if r < 16:  # not worth the copy
-            return 0
-        for blk, (k, v) in zip(self.model.transformer.h, kept[1]):
+        return r if r >= 16 else 0
+
+    def copy_kept(self, r):
+        for blk, (k, v) in zip(self.model.transformer.h, self.kept[1] if r else ()):
             blk.attn.kv_cache.k[:, :, :r], blk.attn.kv_cache.v[:, :, :r] = k[:, :, :r], v[:, :, :r]
-        return r
 
     def keep(self, prefix):
         self.kept = (prefix, [(blk.attn.kv_cache.k[:, :, :len(prefix)].clone(),
                                blk.attn.kv_cache.v[:, :, :len(prefix)].clone()) for blk in self.model.transformer.h])
-
-    def logits(self, x, pos):
-        """Logits (B, T, V) of x (B, T) at positions pos.. after what the KV cache holds."""
-        h = self.model.hidden(x, pos=pos)
-        return self.model.lm_head(self.model.transformer.ln_f(h)).float()
 
     @torch.no_grad()
     def score(self, pairs):
@@ -541,29 +536,51 @@ class Scorer:
         while p < min(map(len, seqs)) and all(s[p] == seqs[0][p] for s in seqs):
             p += 1
         p = max(1, min(p, min(first) + 1))
-        rest = [s[p:] for s in seqs]
-        T = max(map(len, rest))
+        wanted = [list(range(f, f + len(c))) for f, c in zip(first, conts)]  # input positions whose logits count
+        n, T, reused = len(seqs), max(len(s) - p for s in seqs), self.matched(seqs[0][:p])
+        if n * max(map(len, seqs)) <= (p - reused) + n * T + self.CALL_COST:  # little shared: one plain batch
+            rows = self.plain(seqs, wanted)
+        else:
+            rows = self.shared(seqs, wanted, p, T, reused)
+        results = []
+        for logits, c in zip(rows, conts):
+            logp = F.log_softmax(logits, dim=-1)
+            target = torch.tensor(c, device=logp.device)
+            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+        return results
+
+    CALL_COST = 16  # a forward pass costs about this many tokens' compute beyond its tokens (30 thin layers)
+
+    def head(self, h):
+        return self.model.lm_head(self.model.transformer.ln_f(h)).float()
+
+    def plain(self, seqs, wanted):
+        """Each row's logits at its wanted positions, from one right-padded batch (padding sees only the past)."""
+        L = max(map(len, seqs))
+        h = self.model.hidden(torch.tensor([s + [0] * (L - len(s)) for s in seqs], device=self.device))
+        rows = torch.tensor([i for i, w in enumerate(wanted) for _ in w], device=self.device)
+        pos = torch.tensor([q for w in wanted for q in w], device=self.device)
+        return self.head(h[rows, pos]).split([len(w) for w in wanted])  # the head on the scored rows only
+
+    def shared(self, seqs, wanted, p, T, reused):
+        """The same, with the common prefix seqs[:p] run once in one row (its first `reused` tokens already in the
+        last prefix's cache) and its KV cache copied to every row for the rest."""
         setup_cache(self.model, 1, p + T)
         try:
-            r = self.reuse(seqs[0][:p])
-            head = self.logits(torch.tensor([seqs[0][r:p]], device=self.device), r)[0, -1]  # (V,)
+            self.copy_kept(reused)
+            h0 = self.model.hidden(torch.tensor([seqs[0][reused:p]], device=self.device), pos=reused)[0, -1]  # (C,)
             self.keep(seqs[0][:p])
             if T:
                 for blk in self.model.transformer.h:
                     kv = blk.attn.kv_cache
                     kv.k, kv.v = kv.k.repeat(len(seqs), 1, 1, 1), kv.v.repeat(len(seqs), 1, 1, 1)
-                x = torch.tensor([r + [0] * (T - len(r)) for r in rest], device=self.device)
-                out = self.logits(x, p)  # (n, T, V); right padding only sees itself and the past
+                x = torch.tensor([s[p:] + [0] * (T - len(s) + p) for s in seqs], device=self.device)
+                h = self.model.hidden(x, pos=p)  # (n, T, C); right padding sees only itself and the past
         finally:
             setup_cache(self.model, None, 0)
-        results = []
-        for i, (f, c) in enumerate(zip(first, conts)):
-            # input position q predicts token q + 1: q = p - 1 is the prefix's last row, later ones come from out
-            rows = torch.stack([head if q == p - 1 else out[i, q - p] for q in range(f, f + len(c))])
-            logp = F.log_softmax(rows, dim=-1)
-            target = torch.tensor(c, device=logp.device)
-            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
-        return results
+        # input position q predicts token q + 1: q = p - 1 is the prefix's last row, later ones come from h
+        picked = [h0 if q == p - 1 else h[i, q - p] for i, w in enumerate(wanted) for q in w]
+        return self.head(torch.stack(picked)).split([len(w) for w in wanted])
 
     @torch.no_grad()
     def rolling(self, ids, batch_size):

@@ -244,9 +244,16 @@ def test_full_queue_gets_429_and_api_key_401(tiny_gpt2):
         s.stop()
 
 
-def test_training_metrics_and_pages(server):
+def test_training_metrics_and_pages(server, tiny_gpt2):
     status, m = call(server, '/api/metrics')
-    assert status == 200 and m['exists'] and [r['iter'] for r in m['records']] == [10, 10]
+    assert status == 200 and m['exists'] and [r['iter'] for r in m['records']] == [10, 10] and m['report'] == ''
+    card = os.path.join(tiny_gpt2, 'eval_report.md')  # eval.py --report=<run>/eval_report.md: shown below the curves
+    with open(card, 'w') as f:
+        f.write('# Report card: x\n| hellaswag | 10 | acc % | 40.00 |\n<script>alert(1)</script>\n')
+    try:
+        assert call(server, '/api/metrics')[1]['report'].startswith('# Report card: x\n| hellaswag')
+    finally:
+        os.remove(card)
     for path, marker in (('/', b'id="send"'), ('/train', b'<svg')):
         with urllib.request.urlopen(server.url + path) as r:
             page = r.read()

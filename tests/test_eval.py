@@ -133,10 +133,12 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_joint_encoding():
     assert s.encode_pair('', 'Hi') == ([50256], enc('Hi'))  # an empty context: the EOS prefix token
 
 
+@pytest.mark.parametrize('path', ['shared', 'plain'])
 @pytest.mark.parametrize('model_type', ['gpt', 'llama'])
-def test_shared_context_scoring_equals_a_plain_forward_pass(model_type):
+def test_shared_context_scoring_equals_a_plain_forward_pass(model_type, path, monkeypatch):
     model = tiny(model_type, block=48)
-    s = scorer(model)
+    s = scorer(model)  # score picks the cheaper way per item; here each way is forced in turn
+    monkeypatch.setattr(s, 'CALL_COST', -10 ** 6 if path == 'shared' else 10 ** 6)
     enc = s.tok.encode
     long_ctx = enc(' '.join(['word'] * 60))  # longer than block_size: cut from the left, as lm-eval does
     groups = [
@@ -271,7 +273,7 @@ def test_char_model_missing_a_character_is_a_task_error(char_data, tmp_path):
     train.main([f'--data_dir={char_data}', f'--out_dir={out}', '--n_layer=1', '--n_head=2', '--n_embd=32',
                 '--block_size=32', '--batch_size=4', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
                 '--device=cpu', '--dtype=float32'])
-    lam = write(tmp_path / 'lambada.jsonl', [json.dumps({'text': 'caf\u00e9 au lait'})])
+    write(tmp_path / 'lambada.jsonl', [json.dumps({'text': 'caf\u00e9 au lait'})])  # found in --data_dir
     from configurator import UserError
     with pytest.raises(UserError, match=r'no task ran \(2 failed\)'):
         E.main([f'--init_from={out}', '--tasks=lambada,text', f'--data_dir={tmp_path}', '--device=cpu',
@@ -313,3 +315,71 @@ def test_download_once_then_cached_and_offline_message(hf_folder, tmp_path, monk
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- the real model: chat mode and GSM8K's generation
+
+@pytest.fixture(scope='module')
+def smollm():
+    return shared_file('models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+
+def test_chat_mode_asks_through_the_template_and_reads_the_letter(smollm, monkeypatch):
+    prompts = []
+    real = E.generate
+    monkeypatch.setattr(E, 'generate', lambda p, *a, **kw: prompts.extend(p) or real(p, *a, **kw))
+    r = E.main([f'--init_from={smollm}', f"--data_dir={shared_file('eval')}", '--tasks=arc_easy,gsm8k',
+                '--chat=True', '--limit=4', '--max_gen_tokens=48', '--device=cpu'])
+    arc = r['tasks']['arc_easy']['metrics']
+    assert set(arc) == {'acc', 'unreadable'} and arc['unreadable']['value'] < 0.5  # a letter in most replies
+    assert prompts[0].startswith('<|im_start|>system\n') and prompts[0].endswith('<|im_start|>assistant\n')
+    assert '\nA. ' in prompts[0] and 'Answer with the letter of the correct option only.' in prompts[0]
+    assert set(r['tasks']['gsm8k']['metrics']) == {'exact_match_strict', 'exact_match_flexible'}
+
+
+def test_gsm8k_few_shot_generation_stops_at_the_next_question(smollm, tmp_path):
+    model, tok = train.load_model(smollm)
+    s = E.Scorer(model, tok, 'float32')
+    s.style = train.chat_style(tok)
+    items = E.load_gsm8k(shared_file('eval', 'gsm8k', 'test.head100.jsonl'), E.EvalConfig(num_fewshot=2))[:2]
+    cfg = E.EvalConfig(max_gen_tokens=96, batch_size=2)
+    out, details, _ = E.run_gsm8k(items, s, cfg, chat=False)
+    assert all('Question:' not in reply for reply in details['replies'])  # cut at lm-eval's stop string
+    assert any(reply.strip() for reply in details['replies'])  # (the instruct model may end at once: <|im_end|>)
+    assert 0 <= out['exact_match_flexible']['value'] <= 1
+
+
+def test_limit_and_seeded_subsample():
+    items = [E.Item(['c'], [' a'], 0, group=g) for g in 'xxxxyyyy']
+    for it, i in zip(items, range(8)):
+        it.answer = str(i)
+    first = E.subsample(items, E.EvalConfig(limit=2))
+    assert [it.answer for it in first] == ['0', '1', '4', '5']  # per group (MMLU's subjects)
+    a = E.subsample(items, E.EvalConfig(limit=2, shuffle=True, seed=1))
+    b = E.subsample(items, E.EvalConfig(limit=2, shuffle=True, seed=1))
+    assert [i.answer for i in a] == [i.answer for i in b] and len(a) == 4  # the same seed, the same items
+    others = [[i.answer for i in E.subsample(items, E.EvalConfig(limit=2, shuffle=True, seed=s))] for s in range(5)]
+    assert any(o != [i.answer for i in a] for o in others)  # another seed, other items
+
+
+def test_the_wrong_file_for_a_task_is_named(tmp_path):
+    arc = write(tmp_path / 'arc.jsonl', [json.dumps({'question': {'stem': 'q', 'choices': []}, 'answerKey': 'A'})])
+    with pytest.raises(E.TaskError, match=r"piqa: .*arc.jsonl:1 is not a piqa record \(it needs \"goal\", \"sol1\", "
+                                          r"\"sol2\"\): is this the right file\?"):
+        E.load_piqa(arc)
+    with pytest.raises(E.TaskError, match=r"answerKey 'A' is not one of the choices \[\]"):
+        E.load_arc(arc, 'arc_easy')
+    bad = write(tmp_path / 'h.txt', ['ctx', 'x', 'a', 'b', 'c', 'd'])
+    with pytest.raises(E.TaskError, match=r'h.txt:2 should be the gold label 0-3'):
+        E.load_hellaswag(bad)
+
+
+def test_a_quantized_checkpoint_evaluates(hf_folder, tmp_path):
+    import quantize
+    out = str(tmp_path / 'int8')
+    quantize.main([f'--init_from={hf_folder}', '--mode=int8', f'--out_dir={out}', '--decode_tokens=0'])
+    d = eval_dir(tmp_path)
+    full = E.main([f'--init_from={hf_folder}', f'--data_dir={d}', '--tasks=arc_easy,wikitext', '--device=cpu'])
+    q8 = E.main([f'--init_from={out}', f'--data_dir={d}', '--tasks=arc_easy,wikitext', '--device=cpu'])
+    bpb = lambda r: r['tasks']['wikitext']['metrics']['bits_per_byte']['value']  # noqa: E731
+    assert not q8['errors'] and abs(bpb(q8) - bpb(full)) / bpb(full) < 0.05
