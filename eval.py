@@ -466,6 +466,14 @@ def sha256_of(path):
 # ----------------------------------------------------------------------------------------------------------
 # log-likelihoods, with the shared context run once
 
+def common(a, b):
+    """The length of the common prefix of two token lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class Scorer:
     """Log-likelihoods of continuations, encoded as lm-evaluation-harness encodes them."""
 
@@ -500,87 +508,140 @@ class Scorer:
     def matched(self, prefix):
         """How many of prefix's first tokens the last prefix's KV cache holds (0 if too few to bother). MMLU's
         five examples, or GSM8K's, are the same for every question: they run once."""
-        kept, r = self.kept, 0
-        if kept is None:
+        if self.kept is None:
             return 0
-        n = min(len(kept[0]), len(prefix) - 1)  # at least one token must run, for its logits
-        while r < n and kept[0][r] == prefix[r]:
-            r += 1
+        r = min(common(self.kept[0], prefix), len(prefix) - 1)  # at least one token must run, for its logits
         return r if r >= 16 else 0
 
     def copy_kept(self, r):
         for blk, (k, v) in zip(self.model.transformer.h, self.kept[1] if r else ()):
             blk.attn.kv_cache.k[:, :, :r], blk.attn.kv_cache.v[:, :, :r] = k[:, :, :r], v[:, :, :r]
 
-    def keep(self, prefix):
-        self.kept = (prefix, [(blk.attn.kv_cache.k[:, :, :len(prefix)].clone(),
-                               blk.attn.kv_cache.v[:, :, :len(prefix)].clone()) for blk in self.model.transformer.h])
-
-    @torch.no_grad()
-    def score(self, pairs):
-        """[(sum of log-probabilities, is_greedy)] of each (context ids, continuation ids) pair. The inputs'
-        common prefix runs once, in one row; its KV cache is then copied to one row per pair, and the rest of the
-        pairs run in one batch."""
+    def prepare(self, pairs):
+        """(inputs, continuation ids, wanted positions, shared prefix length) of one item's pairs, as lm-eval
+        builds them: context + continuation cut from the left to block_size + 1, the last token not input."""
         seqs, conts = [], []
         for ctx, cont in pairs:
             if not cont:
                 raise TaskError("a continuation encodes to no tokens")
             if max(ctx + cont) >= self.vocab:
                 raise TaskError(f"the text encodes to token ids past the model's vocabulary ({self.vocab})")
-            s = (ctx + cont)[-(self.block + 1):]  # lm-eval: cut from the left to the model's length
+            s = (ctx + cont)[-(self.block + 1):]
             seqs.append(s[:-1])
             conts.append(s[len(s) - len(cont):] if len(cont) < len(s) else s[1:])
-        # the first scored position of each row, and the shared prefix (which must end at or before it)
-        first = [len(s) - len(c) for s, c in zip(seqs, conts)]
-        p = 0
-        while p < min(map(len, seqs)) and all(s[p] == seqs[0][p] for s in seqs):
-            p += 1
-        p = max(1, min(p, min(first) + 1))
-        wanted = [list(range(f, f + len(c))) for f, c in zip(first, conts)]  # input positions whose logits count
-        n, T, reused = len(seqs), max(len(s) - p for s in seqs), self.matched(seqs[0][:p])
-        if n * max(map(len, seqs)) <= (p - reused) + n * T + self.CALL_COST:  # little shared: one plain batch
-            rows = self.plain(seqs, wanted)
-        else:
-            rows = self.shared(seqs, wanted, p, T, reused)
+        first = [len(s) - len(c) for s, c in zip(seqs, conts)]  # the first input position whose logits count
+        p = min(common(seqs[0], s) for s in seqs)
+        p = max(1, min(p, min(first) + 1))  # the prefix's last row may be scored, no later one
+        return seqs, conts, [list(range(f, f + len(c))) for f, c in zip(first, conts)], p
+
+    @torch.no_grad()
+    def score(self, pairs):
+        """[(sum of log-probabilities, is_greedy)] of each (context ids, continuation ids) pair of one item."""
+        return self.score_many([pairs])[0]
+
+    @torch.no_grad()
+    def score_many(self, groups):
+        """score() of several items (each a list of pairs) in as few passes as they allow. An item whose choices
+        share a prefix runs it once and copies its KV cache to one row per choice; such items run together
+        (left-padded), and so do the items whose choices share too little (one right-padded batch). A prefix shared
+        with the item before (MMLU's five examples) comes from the kept cache, item by item."""
+        prep = [self.prepare(pairs) for pairs in groups]
+        rows, together, plain = [None] * len(prep), [], []
+
+        def flush():
+            for j, r in zip(together, self.shared([prep[j] for j in together]) if together else []):
+                rows[j] = r
+            together.clear()
+        for i, (seqs, conts, wanted, p) in enumerate(prep):
+            if together and together[-1] == i - 1 and common(prep[i - 1][0][0][:prep[i - 1][3]], seqs[0][:p]) >= 16:
+                flush()  # this item goes on from the last one's prefix: run those now, so its cache is kept
+            n, T = len(seqs), max(len(s) - p for s in seqs)
+            if self.matched(seqs[0][:p]):
+                rows[i] = self.shared([prep[i]])[0]
+            elif n * max(map(len, seqs)) <= p + n * T + self.CALL_COST:
+                plain.append(i)
+            else:
+                together.append(i)
+        flush()
+        if plain:
+            got = self.plain([s for j in plain for s in prep[j][0]], [w for j in plain for w in prep[j][2]])
+            k = 0
+            for j in plain:
+                rows[j], k = got[k:k + len(prep[j][0])], k + len(prep[j][0])
         results = []
-        for logits, c in zip(rows, conts):
-            logp = F.log_softmax(logits, dim=-1)
-            target = torch.tensor(c, device=logp.device)
-            results.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+        for (seqs, conts, _, _), item_rows in zip(prep, rows):
+            out = []
+            for logits, c in zip(item_rows, conts):
+                logp = F.log_softmax(logits, dim=-1)
+                target = torch.tensor(c, device=logp.device)
+                out.append((logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+            results.append(out)
         return results
 
-    CALL_COST = 16  # a forward pass costs about this many tokens' compute beyond its tokens (30 thin layers)
+    CALL_COST = 4  # tokens' worth of compute that a separate pass costs beyond its tokens
+    ROWS = 32      # choices' rows per pass after a shared prefix
 
     def head(self, h):
         return self.model.lm_head(self.model.transformer.ln_f(h)).float()
 
     def plain(self, seqs, wanted):
-        """Each row's logits at its wanted positions, from one right-padded batch (padding sees only the past)."""
-        L = max(map(len, seqs))
-        h = self.model.hidden(torch.tensor([s + [0] * (L - len(s)) for s in seqs], device=self.device))
-        rows = torch.tensor([i for i, w in enumerate(wanted) for _ in w], device=self.device)
-        pos = torch.tensor([q for w in wanted for q in w], device=self.device)
-        return self.head(h[rows, pos]).split([len(w) for w in wanted])  # the head on the scored rows only
+        """Each row's logits at its wanted positions, from right-padded batches of rows of similar length (padding
+        sees only the past), the head run on the scored positions only."""
+        out = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
+        for c in range(0, len(order), self.ROWS):
+            part = order[c:c + self.ROWS]
+            L = max(len(seqs[r]) for r in part)
+            h = self.model.hidden(torch.tensor([seqs[r] + [0] * (L - len(seqs[r])) for r in part], device=self.device))
+            rows = torch.tensor([i for i, r in enumerate(part) for _ in wanted[r]], device=self.device)
+            pos = torch.tensor([q for r in part for q in wanted[r]], device=self.device)
+            for r, logits in zip(part, self.head(h[rows, pos]).split([len(wanted[r]) for r in part])):
+                out[r] = logits
+        return out
 
-    def shared(self, seqs, wanted, p, T, reused):
-        """The same, with the common prefix seqs[:p] run once in one row (its first `reused` tokens already in the
-        last prefix's cache) and its KV cache copied to every row for the rest."""
-        setup_cache(self.model, 1, p + T)
+    def shared(self, items):
+        """[each item's rows of logits at its wanted positions]: the items' prefixes run once each, together,
+        left-padded to the longest (one item alone may start from the kept cache); the KV cache rows are then
+        copied to one row per choice and the rest of every choice runs in one batch."""
+        B, P = len(items), max(p for *_, p in items)
+        T = max(len(s) - p for seqs, _, _, p in items for s in seqs)
+        pads = [P - p for *_, p in items]
+        reused = self.matched(items[0][0][0][:P]) if B == 1 else 0
+        setup_cache(self.model, B, P + T)
         try:
             self.copy_kept(reused)
-            h0 = self.model.hidden(torch.tensor([seqs[0][reused:p]], device=self.device), pos=reused)[0, -1]  # (C,)
-            self.keep(seqs[0][:p])
-            if T:
-                for blk in self.model.transformer.h:
-                    kv = blk.attn.kv_cache
-                    kv.k, kv.v = kv.k.repeat(len(seqs), 1, 1, 1), kv.v.repeat(len(seqs), 1, 1, 1)
-                x = torch.tensor([s[p:] + [0] * (T - len(s) + p) for s in seqs], device=self.device)
-                h = self.model.hidden(x, pos=p)  # (n, T, C); right padding sees only itself and the past
+            x0 = torch.tensor([[0] * d + seqs[0][reused:p] for (seqs, _, _, p), d in zip(items, pads)],
+                              device=self.device)
+            pad = torch.tensor(pads, device=self.device) if any(pads) else None
+            h0 = self.model.hidden(x0, pos=reused, pad=pad)[:, -1]  # (B, C): each prefix's last row
+            last, d = items[-1], pads[-1]
+            self.kept = (last[0][0][:last[3]], [(b.attn.kv_cache.k[B - 1:, :, d:P].clone(),
+                                                 b.attn.kv_cache.v[B - 1:, :, d:P].clone())
+                                                for b in self.model.transformer.h])
+            if T:  # every choice's rest, in batches of rows of similar length (little padding), each row reading
+                # its item's cache rows
+                base = [(blk.attn.kv_cache.k, blk.attn.kv_cache.v) for blk in self.model.transformer.h]
+                rows = [(b, s[p:]) for b, (seqs, _, _, p) in enumerate(items) for s in seqs]
+                order = sorted((r for r in range(len(rows)) if rows[r][1]), key=lambda r: len(rows[r][1]))
+                h = {}
+                for c in range(0, len(order), self.ROWS):
+                    part = order[c:c + self.ROWS]
+                    t = max(len(rows[r][1]) for r in part)
+                    idx = torch.tensor([rows[r][0] for r in part], device=self.device)
+                    for blk, (k, v) in zip(self.model.transformer.h, base):
+                        blk.attn.kv_cache.k, blk.attn.kv_cache.v = k[idx], v[idx]
+                    x = torch.tensor([rows[r][1] + [0] * (t - len(rows[r][1])) for r in part], device=self.device)
+                    out = self.model.hidden(x, pos=P, pad=None if pad is None else pad[idx])  # (rows, t, C)
+                    h.update(zip(part, out))
         finally:
             setup_cache(self.model, None, 0)
-        # input position q predicts token q + 1: q = p - 1 is the prefix's last row, later ones come from h
-        picked = [h0 if q == p - 1 else h[i, q - p] for i, w in enumerate(wanted) for q in w]
-        return self.head(torch.stack(picked)).split([len(w) for w in wanted])
+        out, row = [], 0
+        for b, (seqs, _, wanted, p) in enumerate(items):
+            # input position q predicts token q + 1: q = p - 1 is the prefix's last row, later ones come from h
+            picked = [h0[b] if q == p - 1 else h[row + i][q - p] for i, w in enumerate(wanted) for q in w]
+            out.append(list(self.head(torch.stack(picked)).split([len(w) for w in wanted])))
+            row += len(seqs)
+        return out
 
     @torch.no_grad()
     def rolling(self, ids, batch_size):
@@ -640,11 +701,26 @@ def argmax(xs):
     return max(range(len(xs)), key=lambda i: (xs[i], -i))  # the first of equal maxima, as numpy's argmax
 
 
-def run_choices(task, items, scorer):
+def scored_items(task, items, scorer, batch_size):
+    """Each item's [(log-likelihood, is_greedy)] per choice, computed batch_size items at a time, shortest first
+    within a group (MMLU's subjects stay together: their items share the five examples' prefix)."""
+    pairs = [pairs_of(it, scorer) for it in items]
+    order = sorted(range(len(items)), key=lambda i: (items[i].group, sum(len(c) + len(k) for c, k in pairs[i])))
+    out = [None] * len(items)
+    with progress(range(len(items)), task) as bar:
+        for b in range(0, len(order), batch_size):
+            chunk = order[b:b + batch_size]
+            for i, r in zip(chunk, scorer.score_many([pairs[i] for i in chunk])):
+                out[i] = r
+            bar.update(len(chunk))
+    return out
+
+
+def run_choices(task, items, scorer, batch_size=16):
     """acc and acc_norm of multiple-choice items (and per-item log-likelihoods, for comparisons)."""
     acc, acc_norm, lls, groups = [], [], [], {}
-    for it in progress(items, task):
-        ll = [l for l, _ in scorer.score(pairs_of(it, scorer))]
+    for it, scored in zip(items, scored_items(task, items, scorer, batch_size)):
+        ll = [l for l, _ in scored]
         lls.append(ll)
         acc.append(float(argmax(ll) == it.gold))
         acc_norm.append(float(argmax([l / max(n, 1) for l, n in zip(ll, it.chars)]) == it.gold))
@@ -659,10 +735,9 @@ def run_choices(task, items, scorer):
     return out, {'lls': lls}, chance
 
 
-def run_lambada(items, scorer):
+def run_lambada(items, scorer, batch_size=16):
     lls, hits = [], []
-    for it in progress(items, 'lambada'):
-        (ll, greedy), = scorer.score(pairs_of(it, scorer))
+    for (ll, greedy), in scored_items('lambada', items, scorer, batch_size):
         lls.append(ll)
         hits.append(float(greedy))
     nll = metric([-l for l in lls])
@@ -882,9 +957,9 @@ def run_task(task, scorer, cfg):
         elif cfg.chat and all(it.question for it in items):
             metrics, details, chance = run_chat_choices(task, items, scorer, cfg)
         elif task == 'lambada':
-            metrics, details, chance = run_lambada(items, scorer)
+            metrics, details, chance = run_lambada(items, scorer, cfg.batch_size)
         else:
-            metrics, details, chance = run_choices(task, items, scorer)
+            metrics, details, chance = run_choices(task, items, scorer, cfg.batch_size)
         if task == 'boolq':
             chance = 0.5
     return {'n': n, 'metrics': metrics, 'chance': chance, 'data': path, 'sha256': sha256_of(path),

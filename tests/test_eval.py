@@ -154,6 +154,23 @@ def test_shared_context_scoring_equals_a_plain_forward_pass(model_type, path, mo
             assert abs(ll - want[0]) < 1e-4 and greedy == want[1]
 
 
+@pytest.mark.parametrize('model_type', ['gpt', 'llama'])
+def test_many_items_at_once_equal_each_alone(model_type):
+    model = tiny(model_type, block=96)
+    s = scorer(model)
+    shots = 'Examples.\n\n' + 'Q: one?\nAnswer: A\n\n' * 5
+    groups = [[s.encode_pair(f'Question: {q}\nAnswer:', c) for c in (' rock', ' the hot steam', ' ice')]
+              for q in ('Which is a gas?', 'What is hard?', 'Cold?')]  # shared contexts: together, left-padded
+    groups += [[s.encode_pair(c, ' got the prize.') for c in ('Sarah beat Maria so Sarah', 'Sarah beat Maria so Mary')]]
+    groups += [[s.encode_pair(shots + f'Q: {q}?\nAnswer:', c) for c in (' A', ' B')] for q in ('two', 'three', 'x')]
+    groups += [[s.encode_pair('He said hello to', ' Shane')]]  # one choice: the plain batch
+    together = s.score_many(groups)
+    for pairs, got in zip(groups, together):
+        for (ll, greedy), (ctx, cont) in zip(got, pairs):
+            want = reference(model, ctx, cont)
+            assert abs(ll - want[0]) < 1e-4 and greedy == want[1]
+
+
 def test_a_prefix_shared_across_items_runs_once_and_changes_nothing(monkeypatch):
     model = tiny('llama', block=128)
     s = scorer(model)
@@ -172,7 +189,7 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
     items = [E.Item(['c'], [' ab', ' abcdef'], 1, [2, 6]), E.Item(['c'], [' ab', ' abcdef'], 0, [2, 6])]
     lls = iter([[-3.0, -4.0], [-3.0, -4.0]])  # acc picks choice 0 (-3 > -4); acc_norm choice 1 (-4/6 > -3/2)
     s = scorer(tiny('gpt'))
-    monkeypatch.setattr(s, 'score', lambda pairs: [(x, False) for x in next(lls)])
+    monkeypatch.setattr(s, 'score_many', lambda groups: [[(x, False) for x in next(lls)] for _ in groups])
     out, details, chance = E.run_choices('t', items, s)
     assert out['acc']['value'] == 0.5 and out['acc_norm']['value'] == 0.5
     assert details['lls'] == [[-3.0, -4.0]] * 2 and chance == 0.5
