@@ -49,6 +49,14 @@ on wiki.valid.tokens (its first --ppl_tokens tokens by the GGUF's tokenizer; 0 =
 train.eval_tokens, transformers through its own loop on the same windows (--ppl_context tokens, advancing by
 --ppl_stride, each target scored once). Prints the CPU, its measured matmul peaks, markdown tables
 with ratios against transformers' fp32 and our bf16, and the issue's targets; --report=FILE writes the JSON.
+
+    python bench.py eval                                     # eval.py vs lm-evaluation-harness on SmolLM2
+    python bench.py eval --limit=20 --mmlu_items=2 --pages=1             # a smoke run
+
+`eval` scores SmolLM2 (the GGUF, dequantized) with eval.py and with lm-evaluation-harness's transformers backend
+on the same weights (our save_pretrained export) and the same first --limit items of ../shared/data/eval's
+HellaSwag, ARC-Easy, PIQA, Winogrande, MMLU (--mmlu_items per subject, 5-shot) and WikiText (--pages articles),
+each task timed on its own; prints the scores side by side, the gap in points and the wall times.
 """
 import contextlib
 import copy

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import (DownloadError, UserError, atomic_write, cached_download, decode_file, jsonl_lines,
+from configurator import (DownloadError, UserError, atomic_write, cached_download, decode_file, download, jsonl_lines,
                           parse_config, run_cli, writable_file)
 from model import pack_linears, setup_cache
 from train import chat_prompt, chat_style, eval_data_tokens, load_model, resolve_device, resolve_dtype
@@ -173,7 +173,6 @@ def download_mmlu(cfg):
         for split in ('dev', 'val'):
             os.makedirs(os.path.join(folder, split), exist_ok=True)
             for s in MMLU_SUBJECTS:
-                from configurator import download
                 download(f'{MMLU_URL}/{split}/{s}_{split}.csv', os.path.join(folder, split, f'{s}_{split}.csv'),
                          (10, cfg.timeout), retries=2)
     except DownloadError as e:
@@ -242,7 +241,7 @@ def letters_question(stem, choices):
 def load_hellaswag(path):
     if path.endswith('.txt'):  # llama.cpp's form: 6 lines an item (context, gold 0-3, four endings)
         lines = read_text(path, 'hellaswag').splitlines()
-        if len(lines) < 6 or len(lines) % 6 not in (0,) and lines[-1].strip():
+        if len(lines) < 6:
             raise TaskError(f"hellaswag: '{path}' is not llama.cpp's 6-lines-an-item form (context, label, 4 endings)")
         items = []
         for i in range(0, len(lines) - 5, 6):
@@ -311,7 +310,7 @@ def load_commonsenseqa(path):
             raise TaskError(f"commonsenseqa: '{path}' has an item without a valid answerKey (the test split is "
                             f"unlabelled): use the dev split")
         q = letters_question(r['question']['stem'], texts)
-        ctx = 'Question: ' + q['text'].replace('\n', '\n', 1) + '\nAnswer:'
+        ctx = 'Question: ' + q['text'] + '\nAnswer:'
         items.append(mc(ctx, labels, labels.index(r['answerKey']), question=q))
     return items
 
@@ -477,7 +476,7 @@ def common(a, b):
 class Scorer:
     """Log-likelihoods of continuations, encoded as lm-evaluation-harness encodes them."""
 
-    def __init__(self, model, tok, dtype):
+    def __init__(self, model, tok):
         self.model, self.tok = model, tok
         self.block = model.config.block_size
         self.device = model.transformer.ln_f.weight.device
@@ -966,9 +965,9 @@ def run_task(task, scorer, cfg):
             'seconds': time.time() - t0, **extra}, details
 
 
-def evaluate(model, tok, cfg, tasks, dtype='float32'):
+def evaluate(model, tok, cfg, tasks):
     """{task: result} and {task: error} for the task names; a task that cannot run is an error line."""
-    scorer = Scorer(model, tok, dtype)
+    scorer = Scorer(model, tok)
     scorer.style = chat_style(tok)
     results, errors, details = {}, {}, {}
     for task in tasks:
@@ -1008,7 +1007,7 @@ def main(argv):
         raise UserError("these benchmarks score a decoder (gpt or llama); a bert encoder does not predict text")
     if cfg.pack and device == 'cpu':
         pack_linears(model)
-    results, errors, _ = evaluate(model, tok, cfg, tasks, dtype)
+    results, errors, _ = evaluate(model, tok, cfg, tasks)
     core, centred = core_score(results)
     report = {'model': cfg.init_from, 'date': time.strftime('%Y-%m-%d %H:%M'), 'device': device,
               'dtype': str(dtype).replace('torch.', ''), 'settings': asdict(cfg), 'tasks': results,

@@ -30,7 +30,7 @@ def tiny(model_type, block=64, seed=0):
 
 def scorer(model):
     tok = train.tiktoken_tokenizer('gpt2')
-    s = E.Scorer(model, tok, 'float32')
+    s = E.Scorer(model, tok)
     s.style = train.chat_style(tok)
     return s
 
@@ -356,7 +356,7 @@ def test_chat_mode_asks_through_the_template_and_reads_the_letter(smollm, monkey
 
 def test_gsm8k_few_shot_generation_stops_at_the_next_question(smollm, tmp_path):
     model, tok = train.load_model(smollm)
-    s = E.Scorer(model, tok, 'float32')
+    s = E.Scorer(model, tok)
     s.style = train.chat_style(tok)
     items = E.load_gsm8k(shared_file('eval', 'gsm8k', 'test.head100.jsonl'), E.EvalConfig(num_fewshot=2))[:2]
     cfg = E.EvalConfig(max_gen_tokens=96, batch_size=2)

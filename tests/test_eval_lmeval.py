@@ -118,7 +118,7 @@ def ours(folders):
     def get(kind):
         if kind not in cache:
             model, tok = train.load_model(folders[kind], 'cpu', 'float32')
-            scorer = ev.Scorer(model, tok, 'float32')
+            scorer = ev.Scorer(model, tok)
             scorer.style = train.chat_style(tok)
             cache[kind] = scorer
         return cache[kind]
