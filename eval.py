@@ -198,7 +198,7 @@ def read_jsonl(path, task, fields):
     for n, rec in lines:
         if not isinstance(rec, dict) or any(not isinstance(_get(rec, k), t) for k, t in fields.items()):
             want = ', '.join(f'"{k}"' for k in fields)
-            raise TaskError(f"{task}: {path}:{n} is not a {task} record (it needs {want}): is this the right file?")
+            raise TaskError(f"{task}: {path}:{n} is not a record of {task} (it needs {want}): is this the right file?")
         out.append(rec)
     if not out:
         raise TaskError(f"{task}: '{path}' holds no items")
@@ -293,7 +293,8 @@ def load_winogrande(path):
     items = []
     for r in recs:
         if r['sentence'].count('_') < 1 or str(r['answer']) not in ('1', '2'):
-            raise TaskError(f"winogrande: '{path}': a sentence without a blank or an answer not 1/2: {r['sentence'][:60]!r}")
+            raise TaskError(f"winogrande: '{path}': a sentence without a blank or an answer not 1/2: "
+                            f"{r['sentence'][:60]!r}")
         i = r['sentence'].index('_')
         rest = ' ' + r['sentence'][i + 1:].strip()
         items.append(Item([r['sentence'][:i] + o for o in (r['option1'], r['option2'])], [rest],
@@ -420,8 +421,8 @@ def wikitext_detokenize(s):
     return s
 
 
-def load_task(task, cfg):
-    path = find_data(task, cfg)
+def load_task(task, path, cfg):
+    """The task's items from its data at path (for wikitext and text: the path itself)."""
     if task in ('wikitext', 'text'):
         return path
     if task == 'mmlu':
@@ -486,6 +487,7 @@ class Scorer:
         self.prefix = bos if bos is not None else eos
         self.vocab = model.config.vocab_size
         self.kept = None  # (tokens, [(k, v) per layer]) of the last prefix that ran
+        self.style = chat_style(tok)  # chat mode's prompts
 
     def encode(self, text):
         ids = self.tok.encode(text)
@@ -912,7 +914,8 @@ def markdown(report):
     lines = [f"# Report card: {report['model']}", '',
              f"{report['date']} · {report['device']} {report['dtype']} · "
              f"{'chat template' if s['chat'] else 'log-likelihood / few-shot'} · limit {s['limit'] or 'none'}", '',
-             '| task | n | metric | value | ± stderr | centred | seconds |', '| --- | ---: | --- | ---: | ---: | ---: | ---: |']
+             '| task | n | metric | value | ± stderr | centred | seconds |',
+             '| --- | ---: | --- | ---: | ---: | ---: | ---: |']
     for task, r in report['tasks'].items():
         for name, m in r['metrics'].items():
             if name == 'subjects':
@@ -941,16 +944,17 @@ def expand_tasks(spec):
 
 def run_task(task, scorer, cfg):
     t0 = time.time()
-    data = load_task(task, cfg)
+    path = find_data(task, cfg)
+    data = load_task(task, path, cfg)
     extra = {'fewshot': (FEWSHOT.get(task, 0) if cfg.num_fewshot < 0 else cfg.num_fewshot)
              if task in ('mmlu', 'gsm8k') else 0}
     if task in ('wikitext', 'text'):
         texts = perplexity_texts(task, data, scorer, cfg)
         metrics, details, chance = run_perplexity(task, texts, scorer, cfg)
-        n, path = len(texts), find_data(task, cfg)
+        n = len(texts)
     else:
         items = subsample(data, cfg)
-        n, path = len(items), find_data(task, cfg)
+        n = len(items)
         if task == 'gsm8k':
             metrics, details, chance = run_gsm8k(items, scorer, cfg, cfg.chat)
         elif cfg.chat and all(it.question for it in items):
@@ -968,7 +972,6 @@ def run_task(task, scorer, cfg):
 def evaluate(model, tok, cfg, tasks):
     """{task: result} and {task: error} for the task names; a task that cannot run is an error line."""
     scorer = Scorer(model, tok)
-    scorer.style = chat_style(tok)
     results, errors, details = {}, {}, {}
     for task in tasks:
         if task not in ALL_TASKS + ['text']:

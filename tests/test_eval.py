@@ -381,7 +381,7 @@ def test_limit_and_seeded_subsample():
 
 def test_the_wrong_file_for_a_task_is_named(tmp_path):
     arc = write(tmp_path / 'arc.jsonl', [json.dumps({'question': {'stem': 'q', 'choices': []}, 'answerKey': 'A'})])
-    with pytest.raises(E.TaskError, match=r"piqa: .*arc.jsonl:1 is not a piqa record \(it needs \"goal\", \"sol1\", "
+    with pytest.raises(E.TaskError, match=r"piqa: .*arc.jsonl:1 is not a record of piqa \(it needs \"goal\", \"sol1\", "
                                           r"\"sol2\"\): is this the right file\?"):
         E.load_piqa(arc)
     with pytest.raises(E.TaskError, match=r"answerKey 'A' is not one of the choices \[\]"):
