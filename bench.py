@@ -1379,6 +1379,8 @@ def bench_gguf(argv):
 def lmeval_yaml(subjects):
     return {'hellaswag': 'hellaswag/hellaswag.yaml', 'arc_easy': 'arc/arc_easy.yaml', 'piqa': 'piqa/piqa.yaml',
             'winogrande': 'winogrande/default.yaml', 'wikitext': 'wikitext/wikitext.yaml',
+            'openbookqa': 'openbookqa/openbookqa.yaml', 'commonsense_qa': 'commonsense_qa/default.yaml',
+            'boolq': 'super_glue/boolq/default.yaml', 'lambada_openai': 'lambada/lambada_openai.yaml',
             **{f'mmlu_{s}': f'mmlu/default/mmlu_{s}.yaml' for s in subjects}}
 
 
@@ -1437,6 +1439,30 @@ def lmeval_data(root, n, subjects, pages, shared, mmlu_n=None):
     recs = head_jsonl(shared_file('eval', 'winogrande', 'dev.head300.jsonl'), N)
     write_jsonl(pub / 'winogrande' / 'dev.jsonl', recs)
     hf_records['winogrande'] = [{k: str(r[k]) for k in ('sentence', 'option1', 'option2', 'answer')} for r in recs]
+
+    recs = head_jsonl(shared_file('eval', 'openbookqa', 'test.head100.jsonl'), N)  # AI2's jsonl, as ARC's
+    write_jsonl(pub / 'openbookqa' / 'test.jsonl', recs)
+    hf_records['openbookqa'] = [{'id': r['id'], 'question_stem': r['question']['stem'],
+                                 'choices': {'text': [c['text'] for c in r['question']['choices']],
+                                             'label': [c['label'] for c in r['question']['choices']]},
+                                 'answerKey': r['answerKey']} for r in recs]
+
+    recs = head_jsonl(shared_file('eval', 'commonsenseqa', 'dev_rand_split.head300.jsonl'), N)
+    write_jsonl(pub / 'commonsenseqa' / 'dev_rand_split.jsonl', recs)
+    hf_records['commonsense_qa'] = [{'id': r['id'], 'question': r['question']['stem'],
+                                     'question_concept': r['question'].get('question_concept', ''),
+                                     'choices': {'label': [c['label'] for c in r['question']['choices']],
+                                                 'text': [c['text'] for c in r['question']['choices']]},
+                                     'answerKey': r['answerKey']} for r in recs]
+
+    recs = head_jsonl(shared_file('eval', 'boolq', 'val.head300.jsonl'), N)  # label "true"/"false"; HF's 0/1
+    write_jsonl(pub / 'boolq' / 'val.jsonl', recs)
+    hf_records['boolq'] = [{'question': r['question'], 'passage': r['passage'], 'idx': r.get('idx', i),
+                            'label': int(str(r['label']).strip().lower() == 'true')} for i, r in enumerate(recs)]
+
+    recs = head_jsonl(shared_file('eval', 'lambada', 'lambada_test.head500.jsonl'), N)
+    write_jsonl(pub / 'lambada' / 'lambada_test.jsonl', recs)
+    hf_records['lambada_openai'] = [{'text': r['text']} for r in recs]
 
     for s in SUBJECTS:
         for split, n in (('dev', None), ('val', MMLU_N)):

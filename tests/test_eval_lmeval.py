@@ -1,14 +1,15 @@
 """eval.py against EleutherAI's lm-evaluation-harness itself: tiny random GPT-2 and Llama models saved as Hugging
 Face folders are scored by lm-eval's stock task configs (HFLM, pointed at local copies of the first items of the
 shared data in the Hugging Face datasets' layout) and by eval.py (its loaders reading the same items in their
-published formats). Per item and per choice the log-likelihoods agree to 1e-4, acc and acc_norm are the same,
-the prompts are the same strings, and WikiText's perplexities agree to 1e-4 relative.
+published formats): HellaSwag, ARC-Easy, PIQA, Winogrande, MMLU, OpenBookQA, CommonsenseQA, BoolQ, LAMBADA
+(lambada_openai) and WikiText. Per item and per choice the log-likelihoods agree to 1e-4, acc and acc_norm are
+the same, the prompts are the same strings, and LAMBADA's and WikiText's perplexities agree to 1e-4 relative.
 
 lm-eval is pointed at local files by a YAML of our own that includes the stock one (lm_eval/tasks/...) and
 overrides dataset_path to 'json' with dataset_kwargs.data_files, loaded by a TaskManager that indexes only our
 folder (include_defaults=False). The Llama's tokenizer adds a BOS token (as Llama 2's does), the GPT-2's none;
-the GPT-2's block of 128 tokens makes MMLU's 5-shot prompts be cut from the left and WikiText's pages run in
-many windows."""
+the GPT-2's block of 128 tokens makes MMLU's 5-shot prompts, most BoolQ passages and some LAMBADA texts be cut
+from the left, and WikiText's pages run in many windows."""
 import csv
 import json
 import math
@@ -39,7 +40,9 @@ MODELS = {  # the Llama: grouped-query attention and a block long enough for the
     'gpt': dict(model_type='gpt', n_layer=2, n_head=2, n_embd=32, block_size=128),
     'llama': dict(model_type='llama', n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024),
 }
-TASKS = ['hellaswag', 'arc_easy', 'piqa', 'winogrande', 'mmlu']
+TASKS = ['hellaswag', 'arc_easy', 'piqa', 'winogrande', 'mmlu', 'openbookqa', 'commonsenseqa', 'boolq']
+LMEVAL_NAME = {'commonsenseqa': 'commonsense_qa', 'lambada': 'lambada_openai'}  # eval.py's name -> lm-eval's
+ACC_ONLY = {'winogrande', 'commonsenseqa', 'boolq'}  # their stock configs report acc, not acc_norm
 STOCK_YAML = bench.lmeval_yaml(SUBJECTS)
 
 
@@ -95,16 +98,27 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def lmeval(folders, data):
+def hflm(folders):
+    """kind -> lm-eval's HFLM of the saved folder."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = HFLM(pretrained=folders[kind], device='cpu', dtype='float32', batch_size=1,
+                               max_length=MODELS[kind]['block_size'])
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(scope='module')
+def lmeval(hflm, data):
     """kind -> lm-eval's simple_evaluate output (with log_samples) for all the tasks, run once per kind."""
     manager = TaskManager(include_path=data['yaml'], include_defaults=False)
     cache = {}
 
     def run(kind):
         if kind not in cache:
-            lm = HFLM(pretrained=folders[kind], device='cpu', dtype='float32', batch_size=1,
-                      max_length=MODELS[kind]['block_size'])
-            cache[kind] = lm_eval.simple_evaluate(model=lm, tasks=list(STOCK_YAML), task_manager=manager,
+            cache[kind] = lm_eval.simple_evaluate(model=hflm(kind), tasks=list(STOCK_YAML), task_manager=manager,
                                                   log_samples=True, bootstrap_iters=0)
         return cache[kind]
     return run
@@ -131,12 +145,14 @@ def load_items(task, pub):
         return ev.load_mmlu(folder, ev.EvalConfig())
     path = os.path.join(folder, sorted(os.listdir(folder))[0] if task != 'piqa' else 'valid.jsonl')
     return {'hellaswag': ev.load_hellaswag, 'piqa': ev.load_piqa, 'winogrande': ev.load_winogrande,
-            'arc_easy': lambda p: ev.load_arc(p, 'arc_easy')}[task](path)
+            'arc_easy': lambda p: ev.load_arc(p, 'arc_easy'),
+            'openbookqa': lambda p: ev.load_arc(p, 'openbookqa', prefix=False),
+            'commonsenseqa': ev.load_commonsenseqa, 'boolq': ev.load_boolq, 'lambada': ev.load_lambada}[task](path)
 
 
 def samples_of(result, task):
     """lm-eval's logged samples of a task in document order (MMLU: its subjects in eval.py's order)."""
-    names = [f'mmlu_{s}' for s in sorted(SUBJECTS)] if task == 'mmlu' else [task]
+    names = [f'mmlu_{s}' for s in sorted(SUBJECTS)] if task == 'mmlu' else [LMEVAL_NAME.get(task, task)]
     return [s for name in names for s in sorted(result['samples'][name], key=lambda s: s['doc_id'])]
 
 
@@ -156,8 +172,12 @@ def test_choices_match_lm_eval(lmeval, ours, data, kind, task):
     assert len(items) == len(samples) == (N * len(SUBJECTS) if task == 'mmlu' else N)
     for it, s in zip(items, samples):  # the same prompts (MMLU's 5-shot ones whole), the same right answer
         assert prompts_of(it) == [tuple(a) for a in s['arguments']]
-        # the right answer (Winogrande's is the option that fills the blank: its target is the text after it)
-        assert it.gold == (int(s['doc']['answer']) - 1 if task == 'winogrande' else s['target'])
+        # the right answer (Winogrande's is the option that fills the blank: its target is the text after it;
+        # CommonsenseQA's target is its letter, which lm-eval finds among the choices)
+        target = s['target']
+        if isinstance(target, str):
+            target = [cont for _, cont in s['arguments']].index(' ' + target)
+        assert it.gold == (int(s['doc']['answer']) - 1 if task == 'winogrande' else target)
     metrics, details, _ = ev.run_choices(task, items, ours(kind))
     for i, (mine, s) in enumerate(zip(details['lls'], samples)):
         theirs = [r[0] for r in s['filtered_resps']]
@@ -168,8 +188,18 @@ def test_choices_match_lm_eval(lmeval, ours, data, kind, task):
                 result['results'][f'mmlu_{subject}']['acc,none'], abs=1e-12)
         assert metrics['acc']['value'] == pytest.approx(sum(s['acc'] for s in samples) / len(samples), abs=1e-12)
         return
-    for name in ('acc', 'acc_norm') if task != 'winogrande' else ('acc',):
-        assert metrics[name]['value'] == pytest.approx(result['results'][task][f'{name},none'], abs=1e-12), name
+    theirs = result['results'][LMEVAL_NAME.get(task, task)]
+    for name in ('acc',) if task in ACC_ONLY else ('acc', 'acc_norm'):
+        assert metrics[name]['value'] == pytest.approx(theirs[f'{name},none'], abs=1e-12), name
+        per_item = [s[name] for s in samples]  # and item by item
+        assert [float(x) for x in metrics_per_item(name, details['lls'], items)] == pytest.approx(per_item), name
+
+
+def metrics_per_item(name, lls, items):
+    """acc (or acc_norm) of each item from eval.py's log-likelihoods, as run_choices decides them."""
+    norm = (lambda ll, it: [l / max(n, 1) for l, n in zip(ll, it.chars)]) if name == 'acc_norm' else \
+        (lambda ll, it: ll)
+    return [ev.argmax(norm(ll, it)) == it.gold for ll, it in zip(lls, items)]
 
 
 def test_mmlu_prompt_is_lm_evals_five_shot(lmeval, data):
@@ -209,15 +239,85 @@ def test_wikitext_matches_lm_eval(lmeval, ours, data, kind):
         assert metrics[name]['value'] == pytest.approx(result['results']['wikitext'][f'{name},none'], rel=1e-4), name
 
 
+def test_boolq_passages_cut_from_the_left(data):
+    """The GPT-2's block of 128 tokens is shorter than most BoolQ passages: lm-eval and eval.py both keep the last
+    block_size + 1 tokens of context + continuation, so those items test that cut (the Llama's 1024 hold all whole)."""
+    tok = gpt2_tokenizer(False)
+    items = load_items('boolq', data['pub'])
+    lengths = [len(tok.encode(it.contexts[0] + it.continuations[1])) for it in items]
+    assert sum(n > MODELS['gpt']['block_size'] + 1 for n in lengths) >= 2  # cut (and the others whole)
+    assert max(lengths) < MODELS['llama']['block_size']
+
+
+@pytest.mark.parametrize('kind', list(MODELS))
+def test_lambada_matches_lm_eval(lmeval, ours, data, kind):
+    """LAMBADA (lambada_openai): the last word's log-likelihood after the rest of the text, item by item; acc (the
+    word is the greedy continuation) and perplexity (exp of the mean negative log-likelihood) over the items."""
+    result = lmeval(kind)
+    items = load_items('lambada', data['pub'])
+    samples = samples_of(result, 'lambada')
+    assert len(items) == len(samples) == N
+    for it, s in zip(items, samples):
+        assert prompts_of(it) == [tuple(a) for a in s['arguments']]
+        assert it.continuations == [s['target']]
+    scorer = ours(kind)
+    metrics, details, _ = ev.run_lambada(items, scorer)
+    greedy = [g for (_, g), in ev.scored_items('lambada', items, scorer, 16)]
+    for i, (mine, hit, s) in enumerate(zip(details['lls'], greedy, samples)):
+        theirs, their_hit = s['filtered_resps'][0]
+        assert mine == pytest.approx(theirs, abs=1e-4), f"lambada item {i}: {mine} vs lm-eval's {theirs}"
+        assert float(hit) == float(their_hit) == s['acc'], f"lambada item {i}"
+    theirs = result['results']['lambada_openai']
+    assert metrics['acc']['value'] == pytest.approx(theirs['acc,none'], abs=1e-12)
+    assert metrics['perplexity']['value'] == pytest.approx(theirs['perplexity,none'], rel=1e-4)
+
+
+@pytest.mark.parametrize('kind', list(MODELS))
+def test_lambada_greedy_word_matches_lm_eval(hflm, ours, data, kind):
+    """A random model never guesses LAMBADA's words (acc 0 for both): items cut from LAMBADA's texts where the
+    model's greedy token is a word (' ' and letters, encoded after the context as that one token) end in that word
+    and make acc 1, in lm-eval's loglikelihood too; the same contexts ending in the text's own word make acc 0."""
+    from lm_eval.api.instance import Instance
+    scorer = ours(kind)
+    made = []
+    for it in load_items('lambada', data['pub']):
+        words = (it.contexts[0] + it.continuations[0]).split(' ')
+        for j in range(len(words) - 1, len(words) - 40, -1):
+            ctx = ' '.join(words[:j])
+            with torch.no_grad():
+                t = scorer.model(torch.tensor([scorer.encode(ctx)[-scorer.block:]]))[0][0, -1].argmax().item()
+            w = scorer.tok.decode([t])
+            if w[:1] == ' ' and w[1:].isalpha() and w[1:] != words[j] and \
+                    scorer.encode(ctx + w) == scorer.encode(ctx) + [t]:
+                made += [(ctx, w, True), (ctx, ' ' + words[j], False)]
+                break
+        if len(made) >= 6:
+            break
+    assert len(made) >= 4, 'too few contexts whose greedy tokens are words'
+    items = [ev.Item([ctx], [w], 0) for ctx, w, _ in made]
+    metrics, details, _ = ev.run_lambada(items, scorer)
+    theirs = hflm(kind).loglikelihood([Instance('loglikelihood', {}, (ctx, w), 0) for ctx, w, _ in made],
+                                      disable_tqdm=True)
+    greedy = [g for (_, g), in ev.scored_items('lambada', items, scorer, 16)]
+    assert greedy == [g for *_, g in made] == [bool(g) for _, g in theirs]
+    assert details['lls'] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+    assert metrics['acc']['value'] == pytest.approx(0.5)
+
+
 def test_cli_report_matches_lm_eval(lmeval, folders, data):
     """eval.py end to end (--data_dir with the published files, its CPU weight packing on): lm-eval's numbers."""
     result = lmeval('gpt')['results']
     report = ev.main([f'--init_from={folders["gpt"]}', f'--data_dir={data["pub"]}', '--device=cpu',
-                      '--dtype=float32', f'--tasks={",".join(TASKS)},wikitext'])
+                      '--dtype=float32', f'--tasks={",".join(TASKS)},lambada,wikitext'])
     assert not report['errors']
-    for task in TASKS[:-1]:
-        for name in ('acc', 'acc_norm') if task != 'winogrande' else ('acc',):
-            assert report['tasks'][task]['metrics'][name]['value'] == pytest.approx(result[task][f'{name},none'])
+    for task in TASKS + ['lambada']:
+        if task == 'mmlu':
+            continue
+        theirs = result[LMEVAL_NAME.get(task, task)]
+        for name in ('acc',) if task in ACC_ONLY | {'lambada'} else ('acc', 'acc_norm'):
+            assert report['tasks'][task]['metrics'][name]['value'] == pytest.approx(theirs[f'{name},none'])
+    assert report['tasks']['lambada']['metrics']['perplexity']['value'] == pytest.approx(
+        result['lambada_openai']['perplexity,none'], rel=1e-4)
     for s in SUBJECTS:
         assert report['tasks']['mmlu']['metrics']['subjects'][s]['value'] == pytest.approx(result[f'mmlu_{s}']['acc,none'])
     for name in ('word_perplexity', 'byte_perplexity', 'bits_per_byte'):
