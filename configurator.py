@@ -142,6 +142,7 @@ def atomic_write(path, mode='w', **kwargs):
     """open() for writing, into path.tmp, renamed to path when the block ends: a crash or an error never leaves a
     half-written file under the real name (and the temporary file is removed)."""
     tmp = path + '.tmp'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (writable_file has checked the way there)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f

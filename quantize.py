@@ -630,7 +630,7 @@ def export_gguf(model, tok, cfg, ids):
     would see it, and report the file's size and perplexity against the original."""
     import json
     import bpe
-    from configurator import UserError
+    from configurator import UserError, atomic_write
     from weights import GGUF_TYPES, GGUFError, model_from_gguf, save_gguf
     if cfg.gguf_type not in GGUF_TYPES:
         raise UserError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, not '{cfg.gguf_type}'")
@@ -660,7 +660,7 @@ def export_gguf(model, tok, cfg, ids):
     print(f"run it: llama-cli -m {path}   or in Ollama: a Modelfile with 'FROM ./{os.path.basename(path)}'; "
           f"here: python sample.py --init_from={path}")
     if cfg.report:
-        with open(cfg.report, 'w') as f:
+        with atomic_write(cfg.report) as f:
             json.dump(report, f, indent=2)
     return report
 
@@ -668,7 +668,7 @@ def export_gguf(model, tok, cfg, ids):
 def main(argv):
     import copy
     import json
-    from configurator import UserError, parse_config, print_config, writable_dir, writable_file
+    from configurator import UserError, atomic_write, parse_config, print_config, writable_dir, writable_file
     from train import eval_data_tokens, load_model, resolve_device
     cfg = parse_config(QuantizeConfig, argv)
     writable_dir(cfg.out_dir, 'out_dir')
@@ -757,7 +757,7 @@ def main(argv):
         save_quantized(result, os.path.join(cfg.out_dir, 'ckpt.pt'), plan, {'meta': meta})
         print(f"saved {os.path.join(cfg.out_dir, 'ckpt.pt')}: python sample.py --init_from={cfg.out_dir}")
     if cfg.report:
-        with open(cfg.report, 'w') as f:
+        with atomic_write(cfg.report) as f:
             json.dump(report, f, indent=2)
     return report
 

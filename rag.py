@@ -616,7 +616,7 @@ def main(argv):
     report = evaluate(idx, read_qa(cfg.qa), cfg.retriever, cfg.rrf_k, cfg.dense_weight)
     print(', '.join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
     if cfg.report:
-        with open(cfg.report, 'w') as f:
+        with atomic_write(cfg.report) as f:
             json.dump({**report, 'retriever': cfg.retriever, 'index': cfg.index, 'qa': cfg.qa,
                        'settings': asdict(cfg)}, f, indent=2)
     return report

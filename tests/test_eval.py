@@ -259,7 +259,7 @@ def eval_dir(tmp_path):
 
 
 def test_cli_report_with_failing_tasks_alongside(hf_folder, tmp_path, capsys):
-    report = tmp_path / 'card.md'
+    report = tmp_path / 'new' / 'card.md'  # its folder is made
     r = E.main([f'--init_from={hf_folder}', f'--data_dir={eval_dir(tmp_path)}', f'--report={report}',
                 '--tasks=arc_easy,piqa,boolq,lambada,wikitext,nonsense', '--device=cpu', '--dtype=float32'])
     assert set(r['tasks']) == {'arc_easy', 'lambada', 'wikitext'}
@@ -268,7 +268,7 @@ def test_cli_report_with_failing_tasks_alongside(hf_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(line.count('\n') == 0 for line in r['errors'].values())
     assert 'error: piqa:' in out and 'CORE' in out
-    saved = json.loads((tmp_path / 'card.json').read_text())
+    saved = json.loads((tmp_path / 'new' / 'card.json').read_text())
     assert saved['tasks']['arc_easy']['n'] == 3 and len(saved['tasks']['arc_easy']['sha256']) == 64
     assert saved['settings']['tasks'].endswith('nonsense') and saved['core']['value'] is not None
     card = report.read_text()
