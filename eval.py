@@ -702,6 +702,9 @@ def argmax(xs):
     return max(range(len(xs)), key=lambda i: (xs[i], -i))  # the first of equal maxima, as numpy's argmax
 
 
+ACC_ONLY = {'winogrande', 'commonsenseqa', 'boolq'}
+
+
 def scored_items(task, items, scorer, batch_size):
     """Each item's [(log-likelihood, is_greedy)] per choice, computed batch_size items at a time, shortest first
     within a group (MMLU's subjects stay together: their items share the five examples' prefix)."""
@@ -728,6 +731,8 @@ def run_choices(task, items, scorer, batch_size=16):
         if it.group:
             groups.setdefault(it.group, []).append(acc[-1])
     out = {'acc': metric(acc), 'acc_norm': metric(acc_norm)}
+    if task in ACC_ONLY:  # as lm-eval reports them: a length norm means nothing for letters or one shared ending
+        del out['acc_norm']
     if groups:  # MMLU: the mean over subjects (macro) beside the mean over all items (micro, lm-eval's group acc)
         out = {'acc': metric(acc), 'acc_macro': {'value': sum(sum(g) / len(g) for g in groups.values()) / len(groups),
                                                  'stderr': None}}

@@ -194,6 +194,8 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
     assert out['acc']['value'] == 0.5 and out['acc_norm']['value'] == 0.5
     assert details['lls'] == [[-3.0, -4.0]] * 2 and chance == 0.5
     assert math.isclose(out['acc']['stderr'], math.sqrt(0.5 / 2))  # sample std / sqrt(n), as lm-eval
+    lls = iter([[-3.0, -4.0], [-3.0, -4.0]])
+    assert set(E.run_choices('winogrande', items, s)[0]) == {'acc'}  # lm-eval reports acc alone for these
 
 
 def test_rolling_windows_predict_every_token_once():

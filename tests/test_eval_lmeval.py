@@ -42,7 +42,7 @@ MODELS = {  # the Llama: grouped-query attention and a block long enough for the
 }
 TASKS = ['hellaswag', 'arc_easy', 'piqa', 'winogrande', 'mmlu', 'openbookqa', 'commonsenseqa', 'boolq']
 LMEVAL_NAME = {'commonsenseqa': 'commonsense_qa', 'lambada': 'lambada_openai'}  # eval.py's name -> lm-eval's
-ACC_ONLY = {'winogrande', 'commonsenseqa', 'boolq'}  # their stock configs report acc, not acc_norm
+ACC_ONLY = ev.ACC_ONLY  # their stock configs report acc, not acc_norm
 STOCK_YAML = bench.lmeval_yaml(SUBJECTS)
 
 
