@@ -239,7 +239,7 @@ class FinetuneConfig(LoopConfig):
     state_file: str = 'train_state.pt'  # resumable training state; ckpt.pt is the merged model sample.py loads
     mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
     task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify
-    data: str = ''                  # sft: JSON/JSONL of {instruction, input, output} or {messages: [...]}
+    data: str = ''                  # sft: JSON/JSONL of {instruction, input, output}, {messages} or {conversations}
     data_dir: str = 'data/shakespeare_char'  # lm: a prepare.py folder made with the model's tokenizer
     template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
     val_fraction: float = 0.1       # sft: examples held out for evaluation
@@ -273,42 +273,68 @@ ALPACA = ("Below is an instruction that describes a task{paired}. Write a respon
           "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-def sft_texts(rec, template, style, where):
-    """(prompt, response) of one record: Alpaca/Dolly fields, or chat messages ending with the assistant's."""
-    if 'messages' in rec:
+SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+
+
+def conversation(rec, where):
+    """The messages of a chat record: 'messages' of {role, content} (OpenAI, SmolTalk) or ShareGPT's
+    'conversations' of {from, value}; a trailing turn after the last assistant message is dropped."""
+    if 'conversations' in rec:
+        turns = rec['conversations']
+        msgs = [{'role': SHAREGPT_ROLES.get(t.get('from')), 'content': t.get('value')} if isinstance(t, dict)
+                else None for t in turns] if isinstance(turns, list) else None
+    else:
         msgs = rec['messages']
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and 'role' in m and 'content' in m
-                                                       for m in msgs) and msgs[-1]['role'] == 'assistant'):
-            raise UserError(f"{where}: messages must be a list of {{role, content}} ending with the assistant's")
-        return style.reply(msgs)
+    if not (isinstance(msgs, list) and all(isinstance(m, dict) and m.get('role') in ('system', 'user', 'assistant')
+                                           and isinstance(m.get('content'), str) for m in msgs)
+            and any(m['role'] == 'assistant' for m in msgs)):
+        raise UserError(f"{where}: messages must be a list of {{role: system|user|assistant, content}} (or ShareGPT's "
+                        f"conversations of {{from: human|gpt|system, value}}) with at least one assistant turn, "
+                        f"ending with the assistant's")
+    while msgs[-1]['role'] != 'assistant':
+        msgs = msgs[:-1]
+    return msgs
+
+
+def sft_segments(rec, template, style, where):
+    """[(text, learned)] of one record. Chat records: every assistant turn is learned, system and user turns are
+    not. Alpaca/Dolly records (instruction, input or context, output or response): the prompt, then the
+    response (in the model's chat format with template=chat)."""
+    if 'messages' in rec or 'conversations' in rec:
+        return style.turns(conversation(rec, where))
     instruction = rec.get('instruction')
     output = rec.get('output', rec.get('response'))
     if not isinstance(instruction, str) or not isinstance(output, str):
-        raise UserError(f"{where}: expected 'instruction' and 'output' (or 'response') strings, or 'messages'; "
-                        f"found keys {sorted(rec)}")
+        raise UserError(f"{where}: expected 'instruction' and 'output' (or 'response') strings, 'messages' or "
+                        f"'conversations'; found keys {sorted(rec)}")
     extra = rec.get('input') or rec.get('context') or ''
     if template == 'chat':
         user = instruction + ('\n\n' + extra if extra else '')
-        return style.reply([{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}])
-    return ALPACA.format(paired=', paired with an input that provides further context' if extra else '',
-                         instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else ''), output
+        return style.turns([{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}])
+    prompt = ALPACA.format(paired=', paired with an input that provides further context' if extra else '',
+                           instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else '')
+    return [(prompt, False), (output, True)]
 
 
 def encode_sft(records, tok, block_size, template, style, path):
-    """Token ids and targets per example: targets are -100 on the prompt, so only the response is learned.
-    Examples longer than block_size + 1 tokens lose the end of their response; a prompt that alone fills the
-    context leaves nothing to learn and is dropped (counted)."""
+    """Token ids and targets per example: a target is -100 unless the token it predicts belongs to a reply, so
+    only the responses are learned (all of a conversation's assistant turns). Examples longer than block_size + 1
+    tokens lose their end; one with nothing left to learn within that is dropped (counted)."""
     eos = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [None])[0]
     out, dropped = [], 0
     for n, rec in enumerate(records, 1):
-        prompt, response = sft_texts(rec, template, style, f"{path} record {n}")
-        end = [eos] if eos is not None and not style.template else []  # a template writes its own end
-        p, r = tok.encode(prompt), tok.encode(response) + end
-        ids = (p + r)[:block_size + 1]
-        if len(p) >= len(ids):
+        ids, learn = [], []
+        for text, learned in sft_segments(rec, template, style, f"{path} record {n}"):
+            t = tok.encode(text)
+            ids, learn = ids + t, learn + [learned] * len(t)
+        if eos is not None and not style.template:  # a template writes its own end of turn
+            ids, learn = ids + [eos], learn + [True]
+        ids, learn = ids[:block_size + 1], learn[:block_size + 1]
+        tgt = [ids[j + 1] if learn[j + 1] else -100 for j in range(len(ids) - 1)]  # target j is ids[j + 1]
+        if all(t == -100 for t in tgt):
             dropped += 1
             continue
-        out.append((ids, [-100] * (len(p) - 1) + ids[len(p):]))  # target j is ids[j + 1]
+        out.append((ids, tgt))
     return out, dropped
 
 

@@ -584,6 +584,23 @@ class ChatFormat:
         return prompt, full[len(prompt):]
 
 
+    def turns(self, messages):
+        """[(text, is_reply)] of a whole conversation: the text the template writes before each assistant message
+        (system and user turns, the assistant's header), then that message as written, its end-of-turn marker
+        included; so fine-tuning can learn every reply and nothing else (finetune_lora.py)."""
+        out, done = [], ''
+        for i, m in enumerate(messages):
+            if m['role'] != 'assistant':
+                continue
+            prompt, reply = self.reply(messages[:i + 1])
+            if not prompt.startswith(done):
+                raise UserError("the model's chat template writes earlier turns differently once later turns "
+                                "follow, so the replies of this conversation cannot be cut out for training")
+            out += [(prompt[len(done):], False), (reply, True)]
+            done = prompt + reply
+        return out
+
+
 def chat_style(tok):
     """The ChatFormat of a load_model tokenizer."""
     return ChatFormat(tok)

@@ -58,7 +58,7 @@ def test_response_only_targets():
     rec = {'instruction': 'Say hi.', 'input': '', 'output': 'Hi there.'}
     style = train.chat_style(tok)
     (ids, tgt), = finetune_lora.encode_sft([rec], tok, 256, 'alpaca', style, 'x')[0]
-    prompt, response = finetune_lora.sft_texts(rec, 'alpaca', style, 'x')
+    (prompt, _), (response, _) = finetune_lora.sft_segments(rec, 'alpaca', style, 'x')
     p = tok.encode(prompt)
     assert ids == p + tok.encode(response) + [tok.eos_id]
     assert len(tgt) == len(ids) - 1
@@ -286,3 +286,30 @@ def test_dry_run_sizes_the_loaded_model(base, instruct, tmp_path, monkeypatch, c
     model, _ = train.load_model(base)
     assert w1 < 16 * sum(p.numel() for p in model.parameters())  # LoRA: the frozen base has no grads or AdamW state
     assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')  # a dry run writes nothing
+
+
+def test_every_assistant_turn_is_learned_and_nothing_else():
+    """A three-turn conversation through SmolLM2's own chat template (ChatML, its default system prompt): the
+    learned tokens are exactly the assistant replies with their <|im_end|>, the rest (system, user turns, the
+    template's headers) is masked; ShareGPT's form gives the same example; the segments rebuild the rendering."""
+    _, tok = train.load_model(shared_file('models', 'SmolLM2-135M-Instruct.Q4_1.gguf'))
+    style = train.chat_style(tok)
+    msgs = [{'role': 'user', 'content': 'Name a colour.'}, {'role': 'assistant', 'content': 'Blue.'},
+            {'role': 'user', 'content': 'Another?'}, {'role': 'assistant', 'content': 'Green.'},
+            {'role': 'user', 'content': 'Thanks!'}]  # a last user turn with no reply is dropped
+    segments = finetune_lora.sft_segments({'messages': msgs}, 'chat', style, 'x')
+    assert ''.join(t for t, _ in segments) == style.render(msgs[:4], add_generation_prompt=False)
+    assert [t for t, learned in segments if learned] == ['Blue.<|im_end|>\n', 'Green.<|im_end|>\n']
+    (ids, tgt), = finetune_lora.encode_sft([{'messages': msgs}], tok, 512, 'chat', style, 'x')[0]
+    learned = [ids[j + 1] for j, t in enumerate(tgt) if t != -100]
+    assert tok.decode(learned) == 'Blue.<|im_end|>\nGreen.<|im_end|>\n'
+    masked = tok.decode([ids[0]] + [ids[j + 1] for j, t in enumerate(tgt) if t == -100])
+    assert 'Name a colour.' in masked and 'Another?' in masked and 'You are a helpful AI assistant' in masked
+    assert 'Thanks!' not in tok.decode(ids)
+    for j, t in enumerate(tgt):  # token by token: a target is the next token, or -100
+        assert t in (-100, ids[j + 1])
+    sharegpt = {'conversations': [{'from': 'human', 'value': 'Name a colour.'}, {'from': 'gpt', 'value': 'Blue.'},
+                                  {'from': 'human', 'value': 'Another?'}, {'from': 'gpt', 'value': 'Green.'}]}
+    assert finetune_lora.encode_sft([sharegpt], tok, 512, 'chat', style, 'x')[0] == [(ids, tgt)]
+    with pytest.raises(UserError, match="ShareGPT's conversations of"):
+        finetune_lora.encode_sft([{'conversations': [{'from': 'robot', 'value': 'x'}]}], tok, 512, 'chat', style, 'x')
