@@ -33,6 +33,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -349,7 +350,7 @@ def load_mmlu(path, cfg):
     if not os.path.isdir(dev) or scored is None:
         raise TaskError(f"mmlu: '{path}' should hold dev/ and test/ (or val/) folders of SUBJECT_dev.csv files")
 
-    def rows(f, subject):
+    def rows(f):
         with open(f, encoding='utf-8', newline='') as fh:
             out = [r for r in csv.reader(fh) if r]
         for r in out:
@@ -363,13 +364,13 @@ def load_mmlu(path, cfg):
         if not f.endswith('.csv') or subject == f:
             continue
         devfile = os.path.join(dev, f'{subject}_dev.csv')
-        examples = rows(devfile, subject)[:shots] if shots else []
+        examples = rows(devfile)[:shots] if shots else []
         if len(examples) < shots:
             raise TaskError(f"mmlu: '{devfile}' is missing or has fewer than {shots} few-shot examples")
         fmt = lambda r: r[0].strip() + ''.join(f'\n{l}. {c}' for l, c in zip('ABCD', r[1:5])) + '\nAnswer:'  # noqa
         head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         shot_text = ''.join(fmt(r) + ' ' + r[5].strip() + '\n\n' for r in examples)
-        for r in rows(os.path.join(scored, f), subject):
+        for r in rows(os.path.join(scored, f)):
             q = letters_question(r[0], r[1:5])
             items.append(Item([head + shot_text + fmt(r)], [' A', ' B', ' C', ' D'], 'ABCD'.index(r[5].strip()),
                               [1, 1, 1, 1], group=subject, question=q))
@@ -439,13 +440,13 @@ def load_task(task, path, cfg):
     return loaders[task](path)
 
 
-def subsample(items, cfg):
-    """The first --limit items (per MMLU subject), or with --shuffle a seeded random --limit of them."""
+def subsample(items, cfg, group=lambda it: it.group):
+    """The first --limit items (per group: MMLU's subjects), or with --shuffle a seeded random --limit of them."""
     if not cfg.limit:
         return items
     groups = {}
     for i, it in enumerate(items):
-        groups.setdefault(it.group, []).append(i)
+        groups.setdefault(group(it), []).append(i)
     keep = []
     for idx in groups.values():
         keep += sorted(random.Random(cfg.seed).sample(idx, min(cfg.limit, len(idx)))) if cfg.shuffle else \
@@ -771,12 +772,14 @@ def extract(reply):
     return strict, flexible
 
 
-def generate(prompts, scorer, cfg, stop, desc):
-    """Greedy replies to the prompt texts, batched by length, each cut at its first stop string."""
+def generate(prompts, scorer, cfg, stop, desc, max_new=None):
+    """Greedy replies of up to max_new (default --max_gen_tokens) tokens to the prompt texts, batched by length,
+    each cut at its first stop string."""
     model, tok = scorer.model, scorer.tok
-    room = scorer.block - cfg.max_gen_tokens
+    max_new = max_new or cfg.max_gen_tokens
+    room = scorer.block - max_new
     if room < 16:
-        raise TaskError(f"block_size {scorer.block} leaves no room for a prompt and {cfg.max_gen_tokens} new tokens: "
+        raise TaskError(f"block_size {scorer.block} leaves no room for a prompt and {max_new} new tokens: "
                         f"lower --max_gen_tokens")
     encoded = [scorer.encode(p)[-room:] for p in prompts]  # lm-eval cuts the context from the left too
     for e in encoded:
@@ -787,7 +790,7 @@ def generate(prompts, scorer, cfg, stop, desc):
     with progress(range(len(prompts)), desc) as bar:
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b:b + cfg.batch_size]
-            rows = model.generate([encoded[i] for i in idx], cfg.max_gen_tokens, temperature=0.0, eos_id=tok.eos_id,
+            rows = model.generate([encoded[i] for i in idx], max_new, temperature=0.0, eos_id=tok.eos_id,
                                   stop=stop, decode=tok.decode)
             for i, row in zip(idx, rows):
                 text = tok.decode(row[len(encoded[i]):])
@@ -833,11 +836,7 @@ def run_chat_choices(task, items, scorer, cfg):
             prompts.append(chat_text(scorer, q['text'] + '\nAnswer yes or no.'))
         else:
             prompts.append(chat_text(scorer, q['text'] + '\nAnswer with the letter of the correct option only.'))
-    saved, cfg.max_gen_tokens = cfg.max_gen_tokens, min(cfg.max_gen_tokens, 16)
-    try:
-        replies = generate(prompts, scorer, cfg, chat_stop(scorer), task)
-    finally:
-        cfg.max_gen_tokens = saved
+    replies = generate(prompts, scorer, cfg, chat_stop(scorer), task, max_new=min(cfg.max_gen_tokens, 16))
     hits, unread = [], 0
     for it, reply in zip(items, replies):
         q = it.question
@@ -880,13 +879,9 @@ def perplexity_texts(task, path, scorer, cfg):
         pages = wikitext_pages(read_text(path, task))
         if not pages:
             raise TaskError(f"wikitext: '{path}' holds no articles (lines ' = Title = ')")
-        pages = pages[:cfg.limit] if cfg.limit and not cfg.shuffle else \
-            [pages[i] for i in sorted(random.Random(cfg.seed).sample(range(len(pages)), min(cfg.limit, len(pages))))] \
-            if cfg.limit else pages
-        return [(p, wikitext_detokenize(p)) for p in pages]
+        return [(p, wikitext_detokenize(p)) for p in subsample(pages, cfg, group=lambda p: '')]
     if os.path.isdir(path):
-        ns = type('EvalData', (), {'eval_data': path, 'eval_split': 'val', 'max_eval_tokens': 0})
-        ids = eval_data_tokens(ns, scorer.tok)
+        ids = eval_data_tokens(SimpleNamespace(eval_data=path, eval_split='val', max_eval_tokens=0), scorer.tok)
         return [(scorer.tok.decode(ids), ids)]
     text = read_text(path, task)
     return [(text, text)]
@@ -895,7 +890,6 @@ def perplexity_texts(task, path, scorer, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # the report
 
-PRIMARY = {'acc_norm', 'acc', 'exact_match_flexible', 'word_perplexity'}
 CORE_METRIC = {'hellaswag': 'acc_norm', 'arc_easy': 'acc_norm', 'arc_challenge': 'acc_norm', 'piqa': 'acc_norm',
                'openbookqa': 'acc_norm', 'winogrande': 'acc', 'commonsenseqa': 'acc', 'boolq': 'acc',
                'lambada': 'acc', 'mmlu': 'acc', 'gsm8k': 'exact_match_flexible'}
