@@ -3,6 +3,7 @@ Byte-level BPE: train your own tokenizer fast, encode it in readable pure Python
 Also reads the tokenizers of Hugging Face and GGUF models, SentencePiece-style BPE (Llama 2, Mistral) included.
 
     python bpe.py --input=data/ --vocab_size=32000 --out=tok.model     # train on files, folders, .jsonl
+    python bpe.py --input=data/ --vocab_size=32000 --chat_tokens=False  # without ChatML's tokens and template
     python bpe.py --model=tok.model --encode="Hello world"              # a quick look at the ids
     python bpe.py --model=gpt2 --decode=15496,995                       # gpt2, cl100k_base: tiktoken's files
 
@@ -13,8 +14,11 @@ After `import bpe` (this file needs only the standard library, regex and tiktoke
     tok.save('tok.model'); tok = bpe.Tokenizer.load('tok.model')
     text = tok.dumps(); tok = bpe.Tokenizer.loads(text)  # the same file's text, in memory
     tok = bpe.Tokenizer.from_hf('SmolLM2-135M/')        # a Hugging Face tokenizer.json: the same ids as its own
-    tok = bpe.Tokenizer.from_gguf(metadata)             # a GGUF file's {key: value} metadata (weights.py reads it)
+    tok = bpe.Tokenizer.from_gguf(bpe.read_gguf_metadata('model.gguf'))   # a GGUF file's tokenizer
     prompt = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}])   # its Jinja chat template (jinja2)
+
+The command line reserves <|endoftext|> and ChatML's <|im_start|> and <|im_end|> (single ids, the last ones) and
+keeps ChatML's chat template in the file, unless --chat_tokens=False.
 
 Training (train_ranks) is minbpe's algorithm, made fast in two ways. Text is cut into chunks by a regex
 (GPT-2's or GPT-4's split pattern) and each unique chunk is stored once, with its count. And where minbpe
@@ -35,7 +39,9 @@ import functools
 import heapq
 import json
 import math
+import mmap
 import os
+import struct
 import sys
 import time
 import unicodedata
@@ -60,6 +66,12 @@ QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r'\p{N}{1,3}', r'\p{N}')  # o
 PATTERNS = {'gpt2': GPT2_SPLIT_PATTERN, 'gpt4': GPT4_SPLIT_PATTERN, 'cl100k': GPT4_SPLIT_PATTERN,
             'llama3': LLAMA3_SPLIT_PATTERN, 'qwen2': QWEN2_SPLIT_PATTERN}
 ENDOFTEXT = '<|endoftext|>'
+# ChatML, the chat format of Qwen and SmolLM: prepare.py and the command line below reserve these tokens and set this
+# template, so that a model trained from scratch chats in it (the template's text writes them; a message's never does)
+CHATML_TOKENS = ('<|im_start|>', '<|im_end|>')
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 FILE_HEADER = 'bpe.py tokenizer v1'
 NONE = sys.maxsize  # the rank of a byte string that is not a token
 OPTIONAL = {'ignore_merges': False, 'normalizer': None, 'bos_token': None, 'eos_token': ENDOFTEXT,
@@ -348,10 +360,11 @@ def train_ranks_naive(text_or_chunks, n_tokens, pattern='gpt4', min_frequency=1)
 
 
 def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,), min_frequency=1, name='bpe',
-          progress=True):
+          progress=True, chat_template=None):
     """A Tokenizer trained on a str of text, or on a list of paths (text files, .jsonl files, folders).
     vocab_size counts everything: 256 bytes, the merges, and the special tokens (which take the last ids).
-    pattern: 'gpt4' (tiktoken's cl100k split, the default), 'gpt2', or any regex."""
+    pattern: 'gpt4' (tiktoken's cl100k split, the default), 'gpt2', or any regex. chat_template: the Jinja
+    template it keeps (e.g. CHATML_TEMPLATE, with CHATML_TOKENS among the special tokens)."""
     special_tokens = list(special_tokens)
     if len(set(special_tokens)) < len(special_tokens) or not all(isinstance(t, str) and t for t in special_tokens):
         raise BPEError(f"special tokens must be distinct non-empty strings, got {special_tokens}")
@@ -384,7 +397,8 @@ def train(text_or_paths, vocab_size, pattern='gpt4', special_tokens=(ENDOFTEXT,)
             print(f"stopped at {len(ranks) + len(special_tokens):,} tokens, short of vocab_size={vocab_size:,}: "
                   f"no pair left that occurs at least {min_frequency} time(s)")
         print(f"trained in {time.time() - t0:.1f}s")
-    return Tokenizer(ranks, pattern, {t: len(ranks) + i for i, t in enumerate(special_tokens)}, name)
+    return Tokenizer(ranks, pattern, {t: len(ranks) + i for i, t in enumerate(special_tokens)}, name,
+                     chat_template=chat_template)
 
 # ----------------------------------------------------------------------------------------------------------
 # encoding
@@ -1199,6 +1213,85 @@ GGUF_PRE_PATTERNS = {name: pattern for names, pattern in GGUF_PRE for name in na
 GGUF_LLAMA3 = {'llama-bpe', 'llama3', 'llama-v3', 'falcon3', 'falcon-h1', 'pixtral'}  # ignore_merges, and a bos
 GGUF_NFC = {'qwen2', 'deepseek-r1-qwen'}  # Qwen's tokenizer.json normalizes to NFC (llama.cpp does not)
 SPECIAL_TYPES = {2, 3, 4}  # token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+GGUF_SCALARS = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q', 12: 'd'}
+
+
+def read_gguf_metadata(path):
+    """The metadata {key: value} of the GGUF file at path (v2 or v3), read with the standard library alone, so
+    that a tokenizer comes out of a model file without torch (prepare.py); the tensors are not read. Values are
+    as weights.read_gguf gives them: a float32 as the shortest decimal that rounds to it."""
+    path = os.fspath(path)
+    try:
+        with open(path, 'rb') as f:
+            if f.read(4) != b'GGUF':
+                raise BPEError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise BPEError(f"cannot read {path} ({e.strerror or e})") from None
+    pos = 4
+
+    def take(n, what):
+        nonlocal pos
+        if n > len(buf) - pos:
+            raise BPEError(f"{path}: truncated: the file ends inside {what}; download it again")
+        pos += n
+        return pos - n
+
+    def scalars(code, n, what):
+        values = struct.unpack_from(f'<{n}{code}', buf, take(n * struct.calcsize(code), what))
+        return list(map(shortest_float32, values)) if code == 'f' else list(values)
+
+    def string(what):
+        start = take(scalars('Q', 1, what)[0], what)
+        try:
+            return str(buf[start:pos], 'utf-8')
+        except UnicodeDecodeError:
+            raise BPEError(f"{path}: {what} is not UTF-8 text: the file is damaged") from None
+
+    def value(kind, what, array=True):
+        if kind in GGUF_SCALARS:
+            return scalars(GGUF_SCALARS[kind], 1, what)[0]
+        if kind == 8:
+            return string(what)
+        if kind != 9 or not array:
+            raise BPEError(f"{path}: {what} has value type {kind}, which is not a GGUF type (or a nested array)")
+        item, n = scalars('I', 1, what)[0], scalars('Q', 1, what)[0]
+        if item in GGUF_SCALARS:  # numbers (token types, scores): one struct call
+            return scalars(GGUF_SCALARS[item], n, what)
+        if n > len(buf) - pos:  # each item takes a byte at least: refuse a huge count before looping
+            take(n, what)
+        return [value(item, what, array=False) for _ in range(n)]
+    with buf:
+        version = scalars('I', 1, 'the version')[0]
+        if version not in (2, 3):
+            raise BPEError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        _, n_kv = scalars('Q', 2, 'the header')
+        metadata = {}
+        for i in range(n_kv):
+            key = string(f'metadata key {i}')
+            if key in metadata:
+                raise BPEError(f"{path}: metadata key {key[:60]!r} appears twice: the file is damaged")
+            metadata[key] = value(scalars('I', 1, f'the type of {key[:60]!r}')[0], f'metadata {key[:60]!r}')
+    return metadata
+
+
+def shortest_float32(x):
+    """The shortest decimal that rounds to the float32 x, as a float (numpy's str of a float32).
+
+    >>> shortest_float32(struct.unpack('<f', struct.pack('<f', 1e-05))[0])
+    1e-05
+    """
+    if not math.isfinite(x):
+        return x
+    exact = struct.pack('<f', x)
+    for digits in range(1, 9):  # (9 digits always give x back)
+        y = float(f'{x:.{digits}g}')
+        try:
+            if struct.pack('<f', y) == exact:
+                return y
+        except OverflowError:  # rounded up past the largest float32
+            pass
+    return float(f'{x:.9g}')
 
 
 def pre_name(pattern):
@@ -1344,7 +1437,14 @@ def compile_chat_template(template):
 # ----------------------------------------------------------------------------------------------------------
 # command line: --key=value, as the rest of the repo, but parsed here so that this file stands alone
 
-OPTIONS = {'input': str, 'vocab_size': int, 'out': str, 'pattern': str, 'special_tokens': str,
+def flag(value):
+    """A --key=value's True or False."""
+    if value.lower() not in ('true', 'false'):
+        raise ValueError(value)
+    return value.lower() == 'true'
+
+
+OPTIONS = {'input': str, 'vocab_size': int, 'out': str, 'pattern': str, 'special_tokens': str, 'chat_tokens': flag,
            'min_frequency': int, 'tiktoken_out': str, 'model': str, 'encode': str, 'decode': str}
 
 
@@ -1366,7 +1466,8 @@ def parse_args(argv):
         try:
             opts[key] = OPTIONS[key](value)
         except ValueError:
-            raise BPEError(f"--{key} must be an integer, got {value!r}") from None
+            kind = 'True or False' if OPTIONS[key] is flag else 'an integer'
+            raise BPEError(f"--{key} must be {kind}, got {value!r}") from None
     return opts
 
 
@@ -1400,8 +1501,11 @@ def main(argv):
         if 'tiktoken_out' in opts:
             check_out(opts['tiktoken_out'], 'tiktoken_out')
         specials = [t for t in opts.get('special_tokens', ENDOFTEXT).split(',') if t]
+        chat = opts.get('chat_tokens', True)  # ChatML's tokens after the others, and its template
+        specials += [t for t in CHATML_TOKENS if chat and t not in specials]
         tok = train(opts['input'].split(','), opts['vocab_size'], opts.get('pattern', 'gpt4'), specials,
-                    opts.get('min_frequency', 1), name=os.path.splitext(os.path.basename(out))[0])
+                    opts.get('min_frequency', 1), name=os.path.splitext(os.path.basename(out))[0],
+                    chat_template=CHATML_TEMPLATE if chat else None)
         write(out, tok.save, f" ({tok.vocab_size:,} tokens)")
         if 'tiktoken_out' in opts:
             write(opts['tiktoken_out'], tok.save_tiktoken)

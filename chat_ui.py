@@ -41,7 +41,7 @@ import quantize
 import rag
 from configurator import UserError, parse_config, run_cli
 from model import num_params, pack_linears
-from train import chat_prompt, chat_style, load_model, resolve_device, resolve_dtype, stream_text
+from train import chat_style, load_model, resolve_device, resolve_dtype, stream_text
 
 
 @dataclass
@@ -347,7 +347,8 @@ class App:
         if device == 'cpu' and not cfg.quantize:
             pack_linears(model)
         # a character-level model drops characters it never saw instead of failing on them
-        self.model, self.tok, self.style = model, tok.tolerant(), chat_style(tok)
+        self.model, self.tok = model, tok.tolerant()
+        self.style = chat_style(self.tok)  # its encode_prompt reads messages as text: no control tokens in them
         self.name = cfg.model_name or os.path.basename(os.path.normpath(cfg.init_from))
         self.block = model.config.block_size
         self.index = None
@@ -382,13 +383,15 @@ class App:
     def max_tokens(self, body):
         return number(body, 'max_tokens', min(self.cfg.max_tokens, self.block // 2), 1, self.block - 1, int)
 
-    def job(self, body, prompt_text):
-        """A Job for prompt_text as body asks, and the tokens cut from the prompt's left to fit the context."""
+    def job(self, body, prompt):
+        """A Job for prompt as body asks, and the tokens cut from the prompt's left to fit the context. prompt: a
+        completion's text (special tokens written in it are theirs), or chat messages (in the chat format, their
+        content only ever text)."""
         max_tokens = self.max_tokens(body)
         n = number(body, 'n', 1, 1, self.cfg.max_batch, int)
         options = self.options(body)
         try:
-            ids = self.tok.encode(prompt_text)
+            ids = self.tok.encode(prompt) if isinstance(prompt, str) else self.style.encode_prompt(prompt)
         except ValueError as e:  # e.g. a lone surrogate (\ud800) that no UTF-8 tokenizer takes
             raise APIError(400, f"the prompt cannot be encoded ({shown(str(e))}): send plain text",
                            param='prompt') from None
@@ -778,7 +781,7 @@ def chat_completions(h):
     if use_rag:
         messages, sources, notes = h.app.rag_prompt(messages, body)
         extra = {'sources': sources, 'rag_notes': notes}
-    generate(h, body, chat_prompt(messages, h.app.style), chat=True, extra=extra)
+    generate(h, body, messages, chat=True, extra=extra)
 
 
 def models(h):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from configurator import (DownloadError, UserError, atomic_write, cached_download, decode_file, download, jsonl_lines,
                           parse_config, run_cli, writable_file)
 from model import pack_linears, setup_cache
-from train import chat_prompt, chat_style, eval_data_tokens, load_model, resolve_device, resolve_dtype
+from train import chat_style, eval_data_tokens, load_model, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -773,15 +773,16 @@ def extract(reply):
 
 
 def generate(prompts, scorer, cfg, stop, desc, max_new=None):
-    """Greedy replies of up to max_new (default --max_gen_tokens) tokens to the prompt texts, batched by length,
-    each cut at its first stop string."""
+    """Greedy replies of up to max_new (default --max_gen_tokens) tokens to the prompts (texts, or token ids),
+    batched by length, each cut at its first stop string."""
     model, tok = scorer.model, scorer.tok
     max_new = max_new or cfg.max_gen_tokens
     room = scorer.block - max_new
     if room < 16:
         raise TaskError(f"block_size {scorer.block} leaves no room for a prompt and {max_new} new tokens: "
                         f"lower --max_gen_tokens")
-    encoded = [scorer.encode(p)[-room:] for p in prompts]  # lm-eval cuts the context from the left too
+    # lm-eval cuts the context from the left too
+    encoded = [(scorer.encode(p) if isinstance(p, str) else p)[-room:] for p in prompts]
     for e in encoded:
         if max(e) >= scorer.vocab:
             raise TaskError(f"the text encodes to token ids past the model's vocabulary ({scorer.vocab})")
@@ -819,7 +820,10 @@ def run_gsm8k(items, scorer, cfg, chat):
 
 
 def chat_text(scorer, content):
-    return chat_prompt([{'role': 'user', 'content': content}], scorer.style)
+    """The token ids of content as the user's message in the chat format (its text never a control token), after
+    the BOS the model expects unless the template wrote it."""
+    ids, bos = scorer.style.encode_prompt([{'role': 'user', 'content': content}]), scorer.tok.bos_id
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
 
 
 def chat_stop(scorer):

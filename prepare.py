@@ -8,11 +8,19 @@ Turn text into the token files train.py reads: out_dir/train.bin, out_dir/val.bi
     python prepare.py --dataset=text --input=notes/ --tokenizer=gpt2 --out_dir=data/notes
     python prepare.py --dataset=text --input=notes/ --tokenizer=bpe --vocab_size=4096 --out_dir=data/notes
     python prepare.py --dataset=text --input=notes/ --tokenizer=bpe --tokenizer_path=tok.model   # from bpe.py
+    python prepare.py --dataset=text --input=notes/ --tokenizer_from=SmolLM2-135M-Instruct.Q4_1.gguf  # a model's
 
 --tokenizer=bpe uses our own byte-level BPE (bpe.py): trained on the train split only with --vocab_size
-(GPT-4's split pattern, <|endoftext|> as the last id), or loaded from --tokenizer_path, a file written by
-`python bpe.py --out=...` that has an <|endoftext|> token. Either way it is saved as out_dir/tokenizer.model and
-meta.json records its sha256; train.py copies it into every checkpoint, so sample.py needs no data folder.
+(GPT-4's split pattern; the last ids are the special tokens <|endoftext|>, <|im_start|> and <|im_end|>, and the
+tokenizer keeps ChatML's chat template, so a model trained on it chats in ChatML; --chat_tokens=False reserves
+<|endoftext|> alone), or loaded from --tokenizer_path, a file written by `python bpe.py --out=...` that has an
+<|endoftext|> token. --tokenizer_from=SRC tokenizes with an existing model's tokenizer instead: a .gguf file,
+a Hugging Face folder (tokenizer.json, and tokenizer_config.json for the chat template) or a bpe.py file, with
+its special tokens and chat template, so that a model trained from scratch on the data shares the teacher's
+vocabulary and chat format (documents are separated by its <|endoftext|>, else its end-of-sequence token).
+Either way the tokenizer is saved as out_dir/tokenizer.model and meta.json records its sha256; train.py copies
+it into every checkpoint, so sample.py needs no data folder. Special tokens' text in the documents is encoded
+as plain text, never as the special token.
 
 Datasets: shakespeare_char and shakespeare download Tiny Shakespeare once (cached in cache_dir); text reads
 --input, a .txt/.md/.jsonl file, a folder (searched for those recursively) or a glob, where a .jsonl record's
@@ -59,6 +67,7 @@ import platform
 import re
 import signal
 import time
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -78,7 +87,7 @@ TEXT_EXTS = ('.txt', '.md', '.jsonl')
 MIN_SPLIT_TOKENS = 2  # each split needs at least one (input, target) pair
 SEPARATOR = {'char': '\n\n', 'gpt2': bpe.ENDOFTEXT, 'bpe': bpe.ENDOFTEXT}  # between documents; for BPE one token, eot
 TOKENIZER_FILE = 'tokenizer.model'  # a bpe tokenizer, beside meta.json
-MIN_BPE_VOCAB = 257  # the 256 bytes and <|endoftext|>
+CHAT_TOKENS = (bpe.ENDOFTEXT,) + bpe.CHATML_TOKENS  # the special tokens of a bpe tokenizer trained here
 PYDOCS_SOURCE = f'pydoc_data.topics and stdlib docstrings (Python {platform.python_version()})'
 
 
@@ -87,11 +96,15 @@ class PrepareConfig:
     dataset: str = 'shakespeare_char'  # shakespeare_char | shakespeare | text | pydocs; streaming: dolma | c4 |
                                        # fineweb_edu | urls
     out_dir: str = ''                  # '' = data/<dataset>
-    input: str = ''                    # a local file instead of the download; for text: a file, folder or glob;
+    input: str = ''                    # a local file instead of the download; for text: a file, folder or glob
+                                       # (or several: a,b,c);
                                        # streaming: a list of shards (file or URL, one per line) or a,b,c
     tokenizer: str = ''                # char | gpt2 | bpe; '' = gpt2 for shakespeare and streaming, else char
     vocab_size: int = 0                # bpe: train a tokenizer of this many tokens on the train split
     tokenizer_path: str = ''           # bpe: use this file from `python bpe.py --out=...` instead of training
+    tokenizer_from: str = ''           # bpe: an existing model's tokenizer: a .gguf, a Hugging Face folder or a
+                                       # bpe.py file (with its special tokens and chat template)
+    chat_tokens: bool = True           # bpe, trained: reserve <|im_start|> <|im_end|>, keep ChatML's template
     val_fraction: float = 0.1          # the last this much of the text is the validation split (not streaming)
     url: str = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
     cache_dir: str = 'data/.cache'     # downloads are kept here and not fetched again
@@ -110,7 +123,10 @@ class PrepareConfig:
 
 
 def find_files(pattern):
-    """The files --input names: one file, the .txt/.md/.jsonl files under a folder, or a glob's matches."""
+    """The files --input names: one file, the .txt/.md/.jsonl files under a folder, or a glob's matches; or
+    several of these, comma-separated, in that order."""
+    if ',' in pattern and not os.path.exists(os.path.expanduser(pattern)):
+        return [f for part in pattern.split(',') if part.strip() for f in find_files(part.strip())]
     folder = os.path.isdir(os.path.expanduser(pattern))
     files = list_files(pattern, TEXT_EXTS if folder else None)
     if files is None:
@@ -229,9 +245,15 @@ def bpe_from_text(text, where):
 
 
 def bpe_for(cfg, dataset, train_docs=None):
-    """(bpe.Tokenizer, its model file's text, meta['tokenizer'] without the text) for cfg: the file at
-    cfg.tokenizer_path, else one trained with cfg.vocab_size on train_docs (None: give the fields only)."""
-    if cfg.tokenizer_path:
+    """(bpe.Tokenizer, its model file's text, meta['tokenizer'] without the text) for cfg: the model's tokenizer
+    cfg.tokenizer_from names, the file at cfg.tokenizer_path, else one trained with cfg.vocab_size on train_docs
+    (None: give the fields only, and no tokenizer unless it comes from tokenizer_from)."""
+    if cfg.tokenizer_from:
+        tok = tokenizer_from(cfg.tokenizer_from)
+        text = tok.dumps()  # with its special tokens and chat template
+        fields = {'kind': 'bpe', 'file': TOKENIZER_FILE, 'sha256': hashlib.sha256(text.encode('utf-8')).hexdigest()}
+        separator(tok, f"the tokenizer of '{cfg.tokenizer_from}'")
+    elif cfg.tokenizer_path:
         try:
             with open(cfg.tokenizer_path, 'rb') as f:
                 raw = f.read()
@@ -245,21 +267,71 @@ def bpe_for(cfg, dataset, train_docs=None):
         if train_docs is None:
             return None, text, fields
         tok = bpe_from_text(text, cfg.tokenizer_path)
-        if tok.eot_token is None:
-            raise UserError(f"tokenizer_path '{cfg.tokenizer_path}' has no {bpe.ENDOFTEXT} token to separate "
-                            f"documents: train it with bpe.py's default --special_tokens")
+        separator(tok, f"tokenizer_path '{cfg.tokenizer_path}'")
     else:
-        fields = {'kind': 'bpe', 'file': TOKENIZER_FILE, 'trained': {'vocab_size': cfg.vocab_size, 'pattern': 'gpt4'}}
+        trained = {'vocab_size': cfg.vocab_size, 'pattern': 'gpt4'}  # (as before chat tokens, when without them)
+        fields = {'kind': 'bpe', 'file': TOKENIZER_FILE, 'trained': {**trained, 'chat': 'chatml'} if cfg.chat_tokens
+                  else trained}
         if train_docs is None:
             return None, None, fields
         try:  # documents joined by <|endoftext|>, which training cuts at: no merge spans two documents
-            tok = bpe.train(bpe.ENDOFTEXT.join(train_docs), cfg.vocab_size, 'gpt4', [bpe.ENDOFTEXT],
-                            name=f'{dataset}_bpe{cfg.vocab_size}')
+            tok = bpe.train(bpe.ENDOFTEXT.join(train_docs), cfg.vocab_size, 'gpt4',
+                            CHAT_TOKENS if cfg.chat_tokens else [bpe.ENDOFTEXT], name=f'{dataset}_bpe{cfg.vocab_size}',
+                            chat_template=bpe.CHATML_TEMPLATE if cfg.chat_tokens else None)
         except bpe.BPEError as e:
             raise UserError(str(e)) from None
         text = tok.dumps()
         fields['sha256'] = hashlib.sha256(text.encode('utf-8')).hexdigest()
     return tok, text, {**fields, 'name': tok.name}
+
+
+TOKENIZER_HINT = "give a .gguf file, a Hugging Face model folder (with tokenizer.json) or a bpe.py tokenizer file"
+
+
+def tokenizer_from(src):
+    """The bpe.Tokenizer of an existing model: a GGUF file (read without torch), a Hugging Face folder or its
+    tokenizer.json, or a bpe.py tokenizer file."""
+    if not os.path.exists(src):
+        raise UserError(f"--tokenizer_from '{src}' not found: {TOKENIZER_HINT}")
+    try:
+        if os.path.isdir(src):
+            if not os.path.isfile(os.path.join(src, 'tokenizer.json')):
+                raise UserError(f"--tokenizer_from '{src}' is a folder without a tokenizer.json: {TOKENIZER_HINT}")
+            return bpe.Tokenizer.from_hf(src)
+        with open(src, 'rb') as f:
+            head = f.read(len(bpe.FILE_HEADER) + 1)
+        if head.startswith(b'GGUF'):
+            return bpe.Tokenizer.from_gguf(bpe.read_gguf_metadata(src), where=src)
+        if head == (bpe.FILE_HEADER + '\n').encode():
+            return bpe.Tokenizer.load(src)
+        if head.lstrip()[:1] == b'{':  # JSON: a tokenizer.json
+            return bpe.Tokenizer.from_hf(src)
+    except bpe.BPEError as e:
+        raise UserError(f"--tokenizer_from: {e}") from None
+    except OSError as e:
+        raise UserError(f"--tokenizer_from '{src}' cannot be read ({e.strerror or e})") from None
+    raise UserError(f"--tokenizer_from '{src}' is no tokenizer: {TOKENIZER_HINT}")
+
+
+def separator(tok, where):
+    """The id that goes between documents: <|endoftext|>, else the tokenizer's end-of-sequence token."""
+    sep = tok.eot_token if tok.eot_token is not None else tok.eos_token_id
+    if sep is None:
+        raise UserError(f"{where} has no {bpe.ENDOFTEXT} token (nor an end-of-sequence token) to separate documents: "
+                        f"train it with bpe.py's default --special_tokens")
+    return sep
+
+
+def bpe_encoder(tok):
+    """encode(str) -> ids of a bpe.Tokenizer, special tokens' text read as plain text: tiktoken's where it can
+    run the tokenizer (far faster), with the tokenizer's normalization (Qwen2's NFC); else bpe.py's own."""
+    try:
+        enc = tok.to_tiktoken()
+    except bpe.BPEError:  # SentencePiece-style (Llama 2)
+        return tok.encode_ordinary
+    if tok.normalizer:
+        return lambda s: enc.encode_ordinary(unicodedata.normalize(tok.normalizer, s))
+    return enc.encode_ordinary
 
 
 def pieces(text, size=1 << 20):
@@ -275,14 +347,15 @@ def pieces(text, size=1 << 20):
         start = end
 
 
-def encode_documents(docs, encode, sep, desc):
-    """One array of the documents' tokens with sep (a token list) between documents."""
+def encode_documents(docs, encode, sep, desc, whole=False):
+    """One array of the documents' tokens with sep (a token list) between documents; whole: encode each document
+    in one piece (SentencePiece puts a space before each piece of text)."""
     parts = []
     with tqdm(total=sum(map(len, docs)), unit='char', unit_scale=True, desc=desc, disable=None) as bar:
         for i, doc in enumerate(docs):
             if i:
                 parts.append(np.asarray(sep, dtype=np.int64))
-            for piece in pieces(doc):
+            for piece in [doc] if whole else pieces(doc):
                 parts.append(np.asarray(encode(piece), dtype=np.int64))
                 bar.update(len(piece))
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -338,8 +411,8 @@ def tokenize(docs, kind, val_fraction, bpe_tok=None):
         sep, info = encode(sep_text), {'vocab_size': len(chars), 'tokenizer': {'kind': 'char', 'chars': chars},
                                        'eot_token': None}
     elif kind == 'bpe':
-        encode, sep = bpe_tok.to_tiktoken().encode_ordinary, [bpe_tok.eot_token]
-        info = {'vocab_size': bpe_tok.vocab_size, 'tokenizer': None, 'eot_token': bpe_tok.eot_token}
+        encode, sep = bpe_encoder(bpe_tok), [separator(bpe_tok, 'the tokenizer')]
+        info = {'vocab_size': bpe_tok.vocab_size, 'tokenizer': None, 'eot_token': sep[0]}
     else:
         enc = tiktoken_encoding('gpt2')
         encode, sep = enc.encode_ordinary, [enc.eot_token]
@@ -348,8 +421,9 @@ def tokenize(docs, kind, val_fraction, bpe_tok=None):
     dtype = np.uint16 if info['vocab_size'] <= 65536 else np.uint32
     info['dtype'] = np.dtype(dtype).name
     splits = {}
+    whole = isinstance(bpe_tok, bpe.SentencePieceBPE)
     for name, part in zip(('train', 'val'), split_documents(docs, val_fraction)):
-        splits[name] = encode_documents(part, encode, sep, f'tokenizing {name}').astype(dtype)
+        splits[name] = encode_documents(part, encode, sep, f'tokenizing {name}', whole).astype(dtype)
         if len(splits[name]) < MIN_SPLIT_TOKENS:
             raise UserError(f"the {name} split would have {len(splits[name])} tokens (at least {MIN_SPLIT_TOKENS} "
                             f"needed): give more text or change --val_fraction (now {val_fraction})")
@@ -410,19 +484,32 @@ def prepare(cfg, fallback=False):
         raise UserError(f"unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
     if cfg.tokenizer not in ('', 'char', 'gpt2', 'bpe'):
         raise UserError(f"tokenizer must be char, gpt2 or bpe, not '{cfg.tokenizer}'")
+    if cfg.tokenizer_from:
+        if cfg.tokenizer not in ('', 'bpe'):
+            raise UserError(f"--tokenizer_from tokenizes with that model's tokenizer: leave out "
+                            f"--tokenizer={cfg.tokenizer}")
+        if cfg.vocab_size or cfg.tokenizer_path:
+            raise UserError("--tokenizer_from uses that model's tokenizer as it is: leave out " +
+                            ("--vocab_size (its vocabulary is fixed)" if cfg.vocab_size else "--tokenizer_path"))
+        cfg.tokenizer = 'bpe'
     if cfg.tokenizer != 'bpe' and (cfg.vocab_size or cfg.tokenizer_path):
         raise UserError("--vocab_size and --tokenizer_path are for --tokenizer=bpe")
+    if not cfg.chat_tokens and not (cfg.tokenizer == 'bpe' and cfg.vocab_size):
+        raise UserError("--chat_tokens is for a bpe tokenizer trained here (--tokenizer=bpe --vocab_size=N); "
+                        "a tokenizer from a file or a model keeps the special tokens it has")
     if cfg.tokenizer == 'bpe':
         if cfg.vocab_size and cfg.tokenizer_path:
             raise UserError("give --vocab_size (train a tokenizer on the train split) or --tokenizer_path (use that "
                             "one), not both")
-        if not cfg.tokenizer_path and cfg.dataset in STREAM_DATASETS:
+        given = cfg.tokenizer_path or cfg.tokenizer_from
+        if not given and cfg.dataset in STREAM_DATASETS:
             raise UserError(f"--dataset={cfg.dataset} cannot train a tokenizer on its stream: train one with "
                             f"`python bpe.py --input=... --vocab_size=32000 --out=tok.model`, then pass "
-                            f"--tokenizer_path=tok.model")
-        if not cfg.tokenizer_path and cfg.vocab_size < MIN_BPE_VOCAB:
-            raise UserError(f"--tokenizer=bpe needs --vocab_size of at least {MIN_BPE_VOCAB} (256 bytes and "
-                            f"{bpe.ENDOFTEXT}; e.g. 4096) to train one, or --tokenizer_path=FILE from bpe.py"
+                            f"--tokenizer_path=tok.model (or take a model's: --tokenizer_from=MODEL)")
+        specials = CHAT_TOKENS if cfg.chat_tokens else (bpe.ENDOFTEXT,)
+        if not given and cfg.vocab_size < 256 + len(specials):
+            raise UserError(f"--tokenizer=bpe needs --vocab_size of at least {256 + len(specials)} (256 bytes and "
+                            f"{', '.join(specials)}; e.g. 4096) to train one, or --tokenizer_path=FILE from bpe.py"
                             + (f", not {cfg.vocab_size}" if cfg.vocab_size else ''))
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be between 0 and 1 (e.g. 0.1), not {cfg.val_fraction}")
@@ -613,22 +700,25 @@ def record_batches(records):
 
 
 def ordinary_encoder(tokenizer):
-    """encode(str) -> token ids for a meta['tokenizer'] dict, with special tokens' text read as plain text."""
+    """(encode(str) -> token ids, whether a document is encoded whole) for a meta['tokenizer'] dict, with special
+    tokens' text read as plain text."""
     if tokenizer.get('kind') == 'tiktoken':
-        return tiktoken_encoding(tokenizer['name']).encode_ordinary
+        return tiktoken_encoding(tokenizer['name']).encode_ordinary, False
     if tokenizer.get('kind') == 'bpe' and 'model' in tokenizer:
-        return bpe_from_text(tokenizer['model'], 'the bpe tokenizer in meta').to_tiktoken().encode_ordinary
+        tok = bpe_from_text(tokenizer['model'], 'the bpe tokenizer in meta')
+        return bpe_encoder(tok), isinstance(tok, bpe.SentencePieceBPE)
     raise UserError(f"the streaming datasets cannot use tokenizer {tokenizer!r}")
 
 
-_worker = {}  # this process's encode function and min_chars, from init_worker
+_worker = {}  # this process's encode function, whether documents are encoded whole, and min_chars: init_worker
 
 
 def init_worker(tokenizer, min_chars):
     """Set up a tokenizer process: the encoder is built here from its description, so it need not pickle."""
     if multiprocessing.parent_process():  # a pool process: Ctrl-C is for the main process to handle
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(encode=ordinary_encoder(tokenizer), min_chars=max(min_chars, 1))
+    encode, whole = ordinary_encoder(tokenizer)
+    _worker.update(encode=encode, whole=whole, min_chars=max(min_chars, 1))
 
 
 def encode_batch(records):
@@ -644,7 +734,8 @@ def encode_batch(records):
             results.append((b'', None))
         else:
             raw = text.encode('utf-8')
-            tokens = np.concatenate([np.asarray(encode(piece), dtype=np.uint32) for piece in pieces(text)])
+            tokens = np.concatenate([np.asarray(encode(piece), dtype=np.uint32)
+                                     for piece in ([text] if _worker['whole'] else pieces(text))])
             results.append((hashlib.blake2b(raw, digest_size=16).digest(), tokens))
             nbytes += len(raw)
     return results, nbytes
@@ -840,7 +931,7 @@ def prepare_stream(cfg):
         parquet_module(f"{cfg.dataset}'s shards")  # fail before any download
     if cfg.tokenizer == 'bpe':
         bpe_tok, model_text, tokenizer = bpe_for(cfg, cfg.dataset, [])
-        n_vocab, eot = bpe_tok.vocab_size, bpe_tok.eot_token
+        n_vocab, eot = bpe_tok.vocab_size, separator(bpe_tok, 'the tokenizer')
         worker_tokenizer = {**tokenizer, 'model': model_text}  # the workers build their encoder from the text
     else:
         tokenizer = worker_tokenizer = {'kind': 'tiktoken', 'name': 'gpt2'}

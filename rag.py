@@ -27,7 +27,7 @@ import torch
 
 from configurator import (UserError, atomic_write, decode_file, jsonl_lines, list_files, parse_config, run_cli,
                           writable_dir, writable_file)
-from train import (chat_prompt, chat_style, load_checkpoint, load_model, read_json_records, resolve_device,
+from train import (chat_style, load_checkpoint, load_model, read_json_records, resolve_device,
                    save_checkpoint, stream_text)
 
 EXTENSIONS = ('.txt', '.md', '.rst', '.html', '.htm', '.jsonl')
@@ -462,12 +462,13 @@ def top(scores, k):
 
 def build_prompt(question, passages, tok, budget, style=None):
     """(prompt text, notes): the question after the passages, numbered [1].. with their sources. Passages are
-    taken best first while they fit in budget tokens; the first that does not fit is cut to the room left
-    (if 32 tokens or more) and the rest are dropped. notes says what was trimmed."""
+    taken best first while they fit in budget tokens (with a chat style: as the user's message in it, which is
+    then the text); the first that does not fit is cut to the room left (if 32 tokens or more) and the rest are
+    dropped. notes says what was trimmed."""
     head = "Answer the question using only the numbered passages. Cite them like [1].\n\n"
     tail = f"Question: {question}\nAnswer:"
     chat = style is not None and style.name != 'plain'
-    fixed = len(tok.encode(chat_prompt([{'role': 'user', 'content': head + tail}], style) if chat else head + tail))
+    fixed = len(style.encode_prompt([{'role': 'user', 'content': head + tail}]) if chat else tok.encode(head + tail))
     if fixed >= budget:
         raise UserError(f"the question alone takes {fixed} tokens of the {budget} the context leaves: shorten "
                         f"it or lower --max_new_tokens")
@@ -484,10 +485,7 @@ def build_prompt(question, passages, tok, budget, style=None):
             room = 0
         else:
             notes.append(f"[{n}] dropped")
-    prompt = head + ''.join(body) + tail
-    if chat:
-        prompt = chat_prompt([{'role': 'user', 'content': prompt}], style)
-    return prompt, notes
+    return head + ''.join(body) + tail, notes
 
 
 def ask(idx, cfg, question, out=sys.stdout):
@@ -503,7 +501,10 @@ def ask(idx, cfg, question, out=sys.stdout):
         print(f"note: passages trimmed to fit the {model.config.block_size}-token context: {'; '.join(notes)}",
               file=sys.stderr)
     stop = style.stop if style.name != 'plain' else ['\nQuestion:']
-    steps = model.generate_stream([tok.encode(prompt)], max_new, temperature=cfg.temperature, top_p=cfg.top_p,
+    # the passages and the question are text: special tokens' text in a document is not a control token
+    ids = style.encode_prompt([{'role': 'user', 'content': prompt}]) if style.name != 'plain' else \
+        tok.encode_parts([prompt])
+    steps = model.generate_stream([ids], max_new, temperature=cfg.temperature, top_p=cfg.top_p,
                                   eos_id=tok.eos_id, stop=stop, decode=tok.decode, seed=cfg.seed)
     answer = ''
     for piece in stream_text(steps, tok, stop):

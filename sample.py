@@ -22,7 +22,7 @@ import torch
 
 from configurator import UserError, atomic_write, decode_file, jsonl_lines, parse_config, run_cli, writable_file
 from model import pack_linears
-from train import chat_prompt, chat_style, load_model, resolve_device, resolve_dtype, stream_text
+from train import chat_style, load_model, resolve_device, resolve_dtype, stream_text
 
 
 @dataclass
@@ -102,10 +102,10 @@ def chat(model, tok, cfg):
         if not line.strip():
             continue
         messages.append({'role': 'user', 'content': line})
-        ids = tok.encode(chat_prompt(messages, style))
+        ids = style.encode_prompt(messages)  # what you type is text: '<|im_end|>' in it cannot end your turn
         while len(ids) > room and len(messages) > len(system) + 1:  # forget the oldest turns first
             messages = system + messages[len(system) + 2:]
-            ids = tok.encode(chat_prompt(messages, style))
+            ids = style.encode_prompt(messages)
         opts = {**gen_options(cfg, tok), 'stop': stop, 'seed': None}
         reply = ''
         for piece in stream_text(model.generate_stream([ids], cfg.max_new_tokens, **opts), tok, stop):

@@ -365,7 +365,8 @@ def bpe_from_text(text, where):
 @dataclass
 class TextTokenizer:
     """The one tokenizer type: load_model gives this for every source (prepare.py's char vocabulary, tiktoken's
-    GPT-2, our bpe.py files, a tokenizer.json, a GGUF file). Special tokens written in the text encode as such."""
+    GPT-2, our bpe.py files, a tokenizer.json, a GGUF file). Special tokens written in the text encode as such
+    (a prompt typed in full); encode_parts reads text as text, for what a user or a document wrote."""
     encode: Callable[[str], list]
     decode: Callable[[list], str]      # ids past the vocabulary (a padded model's) do not crash
     eos_id: object = None              # an int, a list of ints (chat models end turns with more than one) or None
@@ -374,6 +375,19 @@ class TextTokenizer:
     chat_template: str = None
     bpe: object = None                 # the bpe.Tokenizer behind it, if any: chat templates run on it
     bos_id: int = None                 # the id a plain prompt starts with, when the model expects one
+    specials: dict = field(default_factory=dict)  # the special tokens' text -> id, which encode reads as one id
+    ordinary: Callable = None          # (text, first) -> ids, special tokens' text read as plain text; None: encode
+
+    def encode_parts(self, parts):
+        """Ids of parts: a str is plain text (special tokens' text in it becomes ordinary tokens, never a control
+        id), an int is an id. As encode would give for the text with the ints written as their special tokens."""
+        ids = []
+        for n, part in enumerate(parts):
+            if isinstance(part, int):
+                ids.append(part)
+            elif part:  # first: the text starts the input (SentencePiece may put a space there)
+                ids += self.ordinary(part, n == 0) if self.ordinary else self.encode(part)
+        return ids
 
     def tolerant(self):
         """This tokenizer, but a character-level one drops the characters its training text lacked instead of
@@ -405,7 +419,9 @@ def tiktoken_tokenizer(name):
     enc = tiktoken_encoding(name)
     return TextTokenizer(lambda s: enc.encode(s, allowed_special='all'),
                          lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab], errors='replace'),
-                         enc.eot_token, {'kind': 'tiktoken', 'name': name}, json.dumps('tiktoken'))
+                         enc.eot_token, {'kind': 'tiktoken', 'name': name}, json.dumps('tiktoken'),
+                         specials={t: enc.encode_single_token(t) for t in enc.special_tokens_set},
+                         ordinary=lambda s, first=True: enc.encode_ordinary(s))
 
 
 def meta_tokenizer(meta):
@@ -442,11 +458,12 @@ def bpe_tokenizer(tok):
     """The TextTokenizer of a bpe.Tokenizer (ours, or read from a tokenizer.json or a GGUF file)."""
     eos = list(dict.fromkeys(i for i in (tok.eos_token_id, tok.special_tokens.get('<|im_end|>'),
                                          tok.special_tokens.get('<|eot_id|>')) if i is not None))
-    encode = functools.partial(tok.encode, allowed_special='all')
+    encode, ordinary = functools.partial(tok.encode, allowed_special='all'), tok.encode_ordinary
     try:  # tiktoken encodes ~50x faster, and can when the ids follow the merge order (GPT-2, Llama 3, Qwen2)
         enc = tok.to_tiktoken()
         norm = (lambda s: unicodedata.normalize(tok.normalizer, s)) if tok.normalizer else (lambda s: s)
         encode = lambda s: enc.encode(norm(s), allowed_special='all')  # noqa: E731
+        ordinary = lambda s, first=True: enc.encode_ordinary(norm(s))  # noqa: E731
     except bpe.BPEError:  # SentencePiece-style (Llama 2, Mistral): bpe.py's own encoder
         pass
     text = tok.dumps()  # what a checkpoint fine-tuned from this model carries (finetune_lora.py)
@@ -455,7 +472,8 @@ def bpe_tokenizer(tok):
     decode = lambda ids: tok.decode([i for i in ids if i in tok.vocab])  # noqa: E731  (a padded vocabulary's)
     # bos_id: the id a plain prompt starts with when the model expects it (add_bos_token); a chat template writes it
     return TextTokenizer(encode, decode, eos, meta, json.dumps(bpe.tokenizer_identity(meta), sort_keys=True),
-                         tok.chat_template, tok, tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None)
+                         tok.chat_template, tok, tok.bos_token_id if getattr(tok, 'add_bos_token', False) else None,
+                         dict(tok.special_tokens), ordinary)
 
 
 def is_gguf(path):
@@ -545,10 +563,16 @@ def stream_text(steps, tok, stop=(), row=0):
 class ChatFormat:
     """How a model writes a conversation: its own chat template run as Jinja, exactly as transformers'
     apply_chat_template runs it (SmolLM2's adds a default system prompt, Llama 3's a date line), or for a model
-    without a template, plain 'User: ...' / 'Assistant: ...' turns."""
+    without a template, plain 'User: ...' / 'Assistant: ...' turns. prompt, reply and turns give text;
+    encode_prompt and encode_turns give token ids in which only the template's own text writes special tokens:
+    a message that holds '<|im_end|>' is encoded as that text, so it cannot end its turn."""
     SENTINEL = '\x00reply\x00'  # an assistant message no one writes, to find where a reply ends in the template
+    HOLE = '\U000f7e00{}\U000f7e01'  # message i's content while the template renders (private-use characters)
+    HOLES = re.compile('\U000f7e00([0-9]+)\U000f7e01')
 
     def __init__(self, tok):
+        self.tok, specials = tok, getattr(tok, 'specials', None)
+        self.special_re = bpe.special_regex(specials) if specials else None
         template, self.bpe = tok.chat_template, getattr(tok, 'bpe', None)
         self.template = template if template and self.bpe is not None else None
         self.name = 'template' if self.template else 'plain'
@@ -599,6 +623,85 @@ class ChatFormat:
             out += [(prompt[len(done):], False), (reply, True)]
             done = prompt + reply
         return out
+
+    def encode_prompt(self, messages):
+        """The token ids of prompt(messages), special tokens only where the template writes them. When no message
+        holds a special token's text these are tok.encode(prompt(messages)), id for id."""
+        if not self.template:  # plain turns: no control tokens at all
+            return self.tok.encode_parts([self.prompt(messages)])
+        return self.encode_span(*self.written(messages, add_generation_prompt=True))
+
+    def encode_turns(self, messages):
+        """[(ids, is_reply)] of turns(messages), each turn encoded on its own (as a prompt that ends there is),
+        special tokens only where the template writes them (finetune_lora.py)."""
+        turns = self.turns(messages)
+        if not self.template or not turns:
+            return [(self.tok.encode_parts([text]), is_reply) for text, is_reply in turns]
+        last = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
+        text, specials = self.written(messages[:last + 1], add_generation_prompt=False)
+        if ''.join(t for t, _ in turns) != text:
+            raise UserError("the model's chat template writes a whole conversation differently from its turns, so "
+                            "the replies cannot be cut out for training")
+        out, pos = [], 0
+        for piece, is_reply in turns:
+            out.append((self.encode_span(text, specials, pos, pos + len(piece)), is_reply))
+            pos += len(piece)
+        return out
+
+    def written(self, messages, add_generation_prompt):
+        """(text, [(start, end, id)]): the conversation as the template writes it, and the special tokens that
+        the template's own text holds, not those in a message's content. To tell the two apart the template runs
+        again with each content a placeholder (HOLE): the text between placeholders is the template's."""
+        text = self.render(messages, add_generation_prompt)
+        if self.special_re is None:
+            return text, []
+        holed = [{**m, 'content': self.HOLE.format(i)} if isinstance(m.get('content'), str) and m['content'] else m
+                 for i, m in enumerate(messages)]
+        spans = template_spans(text, self.HOLES.split(self.render(holed, add_generation_prompt)), messages)
+        if spans is None:  # the template writes contents in ways of its own (e.g. cuts them at a marker)
+            hit = next((h for m in messages if isinstance(m.get('content'), str)
+                        for h in self.special_re.findall(m['content'])), None)
+            if hit:
+                raise UserError(f"a message holds the special token {hit!r}, and this model's chat template rewrites "
+                                f"messages, so it could not be kept from acting as one: leave it out of the message")
+            spans = [(0, len(text))]  # no content holds special-token text: the template's are all there is
+        return text, [(m.start(), m.end(), self.tok.specials[m.group()])
+                      for a, b in spans for m in self.special_re.finditer(text, a, b)]
+
+    def encode_span(self, text, specials, start=0, end=None):
+        """The ids of text[start:end]: the special tokens in specials (from written) as their ids, the rest as
+        plain text."""
+        end = len(text) if end is None else end
+        parts, pos = [], start
+        for a, b, i in specials:
+            if start <= a and b <= end:
+                parts += [text[pos:a], i]
+                pos = b
+        return self.tok.encode_parts(parts + [text[pos:end]])
+
+
+def template_spans(text, parts, messages):
+    """[(start, end)] of text that a template wrote itself, from its rendering with placeholders: parts =
+    [template text, placeholder's message number, template text, ...]. A placeholder stands for its message's
+    content, as written or trimmed (Llama 3's and Gemma's templates trim it). None if text is not so made."""
+    spans, pos = [], 0
+    for k in range(0, len(parts), 2):
+        piece = parts[k]
+        if not text.startswith(piece, pos):
+            return None
+        spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+        if k + 1 < len(parts):
+            n = int(parts[k + 1])
+            content = messages[n].get('content') if n < len(messages) else None
+            if not isinstance(content, str):
+                return None
+            after = parts[k + 2]
+            fits = [c for c in dict.fromkeys((content, content.strip())) if text.startswith(c + after, pos)]
+            if not fits:
+                return None
+            pos += len(fits[0])
+    return spans if pos == len(text) else None
 
 
 def chat_style(tok):
@@ -746,6 +849,8 @@ class Task:
     batch: Callable                     # batch(split, it, micro) -> (x, y) on the device, a pure function of its
                                         # arguments: a resumed or DDP run sees the batches of one uninterrupted process
     on_save: Optional[Callable] = None  # on_save(model) on rank 0 after each checkpoint (finetune_lora.py: merged model)
+    evaluate: Optional[Callable] = None  # evaluate(model) -> {'val_loss', ...} in place of evaluate() below (DPO's
+                                         # rewards); every number it returns is logged
 
 
 @dataclass
@@ -831,6 +936,7 @@ def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
     ckpt = load_checkpoint(state_path, trust=cfg.trust_checkpoint) if resume else None
     task = make_task(cfg, ckpt, proc.device, proc.master)
     raw_model = task.model.to(proc.device)  # not compiled or wrapped: what is counted, saved and handed to on_save
+    raw_model.train()  # load_model gives a model in eval mode: without this, dropout would wait for the first eval
     raw_model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.fsdp:
         shard_model(raw_model, proc.dtype)
@@ -851,7 +957,8 @@ def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
         dry_run(cfg, proc, raw_model, task, step, progress.iter_num)
         return None
     result = loop(cfg, proc, progress, optimizer, step,
-                  run_eval=lambda: evaluate(model, task.batch, cfg, proc.device, proc.dtype),
+                  run_eval=lambda: (task.evaluate(model) if task.evaluate else
+                                    evaluate(model, task.batch, cfg, proc.device, proc.dtype)),
                   checkpoint=lambda: save(state_path, raw_model, optimizer, scaler, task, progress, cfg, proc.master),
                   flops=flops_per_token(raw_model, cfg.block_size))
     if proc.ddp:
@@ -999,8 +1106,8 @@ def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
             stop = cfg.patience and progress.bad_evals >= cfg.patience
             if proc.master:
                 append_metrics(metrics_path, {'iter': done, **result})
-                print(f"eval at iter {done}: val loss {result['val_loss']:.4f}, "
-                      f"ppl {result['val_ppl']:.2f}, token accuracy {result['val_acc']:.3f}"
+                print(f"eval at iter {done}: " + ', '.join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
+                                                           for k, v in result.items())
                       + ('' if improved else f" (best {progress.best_val_loss:.4f})"))
             if improved or cfg.always_save_checkpoint or done == cfg.max_iters or stop:
                 checkpoint()

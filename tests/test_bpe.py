@@ -350,7 +350,8 @@ def cli(*args, cwd=REPO):
 def test_cli_train_encode_decode(tmp_path, shakespeare):
     (tmp_path / 'in.txt').write_text(shakespeare[:50_000])
     p = cli(f'--input={tmp_path / "in.txt"}', '--vocab_size=400', f'--out={tmp_path / "t.model"}',
-            '--special_tokens=<|endoftext|>,<|im_end|>', f'--tiktoken_out={tmp_path / "t.tiktoken"}', '--encode=To be')
+            '--special_tokens=<|endoftext|>,<|im_end|>', '--chat_tokens=False',
+            f'--tiktoken_out={tmp_path / "t.tiktoken"}', '--encode=To be')
     assert p.returncode == 0, p.stderr
     assert 'wrote' in p.stdout and os.path.exists(tmp_path / 't.tiktoken')
     tok = Tokenizer.load(str(tmp_path / 't.model'))
@@ -366,6 +367,7 @@ def test_cli_errors(tmp_path):
     for args, message in [
             (['--vocab=300'], 'unknown option --vocab; did you mean --vocab_size?'),
             (['--input=x.txt', '--vocab_size=lots'], "--vocab_size must be an integer, got 'lots'"),
+            (['--input=x.txt', '--vocab_size=300', '--chat_tokens=no'], "--chat_tokens must be True or False"),
             (['--input=missing.txt', '--vocab_size=300'], 'missing.txt not found'),
             (['--input=x.txt'], 'training needs --vocab_size'),
             (['vocab_size=300'], "must look like --key=value"),

@@ -346,7 +346,8 @@ def smollm():
 def test_chat_mode_asks_through_the_template_and_reads_the_letter(smollm, monkeypatch):
     prompts = []
     real = E.generate
-    monkeypatch.setattr(E, 'generate', lambda p, *a, **kw: prompts.extend(p) or real(p, *a, **kw))
+    monkeypatch.setattr(E, 'generate', lambda p, scorer, *a, **kw: prompts.extend(  # chat prompts come as ids
+        x if isinstance(x, str) else scorer.tok.decode(x) for x in p) or real(p, scorer, *a, **kw))
     r = E.main([f'--init_from={smollm}', f"--data_dir={shared_file('eval')}", '--tasks=arc_easy,gsm8k',
                 '--chat=True', '--limit=4', '--max_gen_tokens=48', '--device=cpu'])
     arc = r['tasks']['arc_easy']['metrics']

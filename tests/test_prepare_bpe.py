@@ -40,14 +40,16 @@ def test_trained_on_the_train_split_and_round_trips(tmp_path, shakespeare):
     meta, data = run(tmp_path / 'd', '--vocab_size=512')
     tok = meta['tokenizer']
     assert tok['kind'] == 'bpe' and tok['file'] == 'tokenizer.model' and meta['vocab_size'] == 512
-    assert meta['eot_token'] == 511 and meta['dtype'] == 'uint16'
+    assert meta['eot_token'] == 509 and meta['dtype'] == 'uint16'  # then <|im_start|> 510, <|im_end|> 511
     on_disk = json.loads((tmp_path / 'd' / 'meta.json').read_text())
     assert 'model' not in on_disk['tokenizer']  # meta.json stays small; train.load_data adds the text in memory
     saved = bpe.Tokenizer.load(str(tmp_path / 'd' / 'tokenizer.model'))
     assert tok['model'] == saved.dumps()
     cut = int(len(shakespeare) * 0.9)
-    assert saved.ranks == bpe.train(shakespeare[:cut], 512, progress=False).ranks  # never saw val
-    assert saved.ranks != bpe.train(shakespeare, 512, progress=False).ranks
+    assert saved.ranks == bpe.train(shakespeare[:cut], 512, special_tokens=prepare.CHAT_TOKENS,
+                                    progress=False).ranks  # never saw val
+    assert saved.ranks != bpe.train(shakespeare, 512, special_tokens=prepare.CHAT_TOKENS, progress=False).ranks
+    assert saved.chat_template == bpe.CHATML_TEMPLATE and saved.special_tokens['<|im_end|>'] == 511
     encode, decode = attrgetter('encode', 'decode')(train.meta_tokenizer(meta))
     train_ids, val_ids = (np.concatenate(data[s]).tolist() for s in ('train', 'val'))
     assert decode(train_ids) == shakespeare[:cut] and decode(val_ids) == shakespeare[cut:]
@@ -117,8 +119,9 @@ def test_streaming_with_a_tokenizer_file(tmp_path, shakespeare):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--vocab_size=0'], 'needs --vocab_size of at least 257'),
-    (['--vocab_size=256'], 'at least 257'),
+    (['--vocab_size=0'], 'needs --vocab_size of at least 259'),
+    (['--vocab_size=258'], r'at least 259 \(256 bytes and <\|endoftext\|>, <\|im_start\|>, <\|im_end\|>;'),
+    (['--vocab_size=256', '--chat_tokens=False'], r'at least 257 \(256 bytes and <\|endoftext\|>;'),
     (['--tokenizer_path=/nonexistent/tok.model'], 'cannot be read'),
     (['--vocab_size=512', '--tokenizer_path=x'], 'not both'),
 ])
