@@ -10,6 +10,7 @@ early stopping, exact resume with --resume=True, DDP under torchrun). At every c
 adapter.pt (the adapters alone, with their settings and a fingerprint of the base) and ckpt.pt, the merged
 model, which sample.py loads like any checkpoint.
 """
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -27,8 +29,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from quantize import BLOCK_LINEAR, NF4Linear, set_module
-from configurator import UserError, check_ranges, parse_config, run_cli, writable_dir
-from train import (LoopConfig, Task, batch_rng, chat_style, get_batch, load_checkpoint, load_data, load_model,
+from configurator import UserError, atomic_write, check_ranges, parse_config, run_cli, writable_dir
+from model import pack_linears
+from train import (LoopConfig, Task, autocast, batch_rng, chat_style, get_batch, load_checkpoint, load_data, load_model,
                    meta_tokenizer, read_json_records, resolve_device, resolve_dtype, save_checkpoint, train)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -53,8 +56,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight, as the paper's code
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base alone (DPO's reference model, see adapters_off)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         h = F.linear(self.dropout(x), A)                        # (..., in) -> (..., r)
         return self.base(x) + F.linear(h, B) * self.scaling  # (..., r) -> (..., out)
@@ -89,6 +95,22 @@ TARGETS = {
     'mlp': r'mlp\.(fc|proj|gate_up)$',
     'all': r'^(?!(lm_head|classifier)$)',
 }
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Run model as its base: every LoRA update switched off, in eval mode (no dropout), so the frozen base is
+    DPO's reference model without a second copy of its weights in memory."""
+    layers, was_training = [m for m in model.modules() if isinstance(m, LoRALinear)], model.training
+    for m in layers:
+        m.enabled = False
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+        model.train(was_training)
 
 
 def _linears(model):
@@ -238,12 +260,29 @@ class FinetuneConfig(LoopConfig):
     resume: bool = False            # continue this out_dir's run exactly (from out_dir/state_file)
     state_file: str = 'train_state.pt'  # resumable training state; ckpt.pt is the merged model sample.py loads
     mode: str = 'lora'              # full | lora | qlora (base weights in 4-bit NF4, adapters in full precision)
-    task: str = 'sft'               # sft (instructions) | lm (a prepare.py folder, see data_dir) | classify
-    data: str = ''                  # sft: JSON/JSONL of {instruction, input, output}, {messages} or {conversations}
+    task: str = 'sft'               # sft (instructions) | distill (learn from --teacher) | dpo (preference pairs)
+                                    # | lm (a prepare.py folder, see data_dir) | classify
+    data: str = ''                  # sft, distill: JSON/JSONL of {instruction, input, output}, {messages} or
+                                    # {conversations}; dpo: {prompt, chosen, rejected} (or an SFT set, make_pairs)
     data_dir: str = 'data/shakespeare_char'  # lm: a prepare.py folder made with the model's tokenizer
-    template: str = 'alpaca'        # sft prompt format: alpaca | chat (the model's chat format, for messages)
-    val_fraction: float = 0.1       # sft: examples held out for evaluation
-    pack: bool = False              # sft: fill each row with several examples (faster; they see each other)
+    template: str = 'alpaca'        # prompt format: alpaca | chat (the model's chat format, for messages)
+    val_fraction: float = 0.1       # examples held out for evaluation
+    val_data: str = ''              # held-out examples from this file instead (sft, distill, dpo): compare runs on one set
+    limit: int = 0                  # use the first N records of data (0 = all): a quick run
+    pack: bool = False              # sft, distill: several examples per row, each attending only to itself
+    # distillation: the teacher is any model load_model takes (a GGUF file too)
+    teacher: str = ''
+    distill: str = 'sequence'       # sequence: learn the teacher's answers | logits: match its next-token
+                                    # distribution on the data's answers | both (needs a shared tokenizer)
+    distill_temperature: float = 2.0  # softens both distributions; the KL is scaled by T^2 (Hinton et al. 2015)
+    distill_alpha: float = 0.5      # weight of the KL; 1 - alpha goes to the hard-label cross-entropy
+    # DPO (Rafailov et al. 2023): the reference is the model before training (with LoRA: the base, adapters off)
+    beta: float = 0.1               # how far the policy may move from the reference
+    make_pairs: bool = False        # dpo from an SFT set: its answer is chosen, the model's own sample rejected (SPIN)
+    # generation (the teacher's answers, make_pairs' samples), batched and KV-cached; cached in out_dir
+    gen_max_tokens: int = 256
+    gen_temperature: float = 0.0    # 0 = greedy
+    gen_batch_size: int = 16
     text_field: str = 'text'        # classify: CSV/JSONL columns of the text and its label
     label_field: str = 'label'
     lora_r: int = 8
@@ -296,12 +335,15 @@ def conversation(rec, where):
     return msgs
 
 
-def sft_segments(rec, template, style, where):
-    """[(text, learned)] of one record. Chat records: every assistant turn is learned, system and user turns are
-    not. Alpaca/Dolly records (instruction, input or context, output or response): the prompt, then the
-    response (in the model's chat format with template=chat)."""
+def sft_segments(rec, template, style, where, ids=False):
+    """[(text, learned)] of one record, or with ids=True [(token ids, learned)]: then only the chat template's own
+    text writes special tokens (a record's '<|im_end|>' is text, so data cannot teach that typed text ends a
+    turn). Chat records: every assistant turn is learned, system and user turns are not. Alpaca/Dolly records
+    (instruction, input or context, output or response): the prompt, then the response (in the model's chat
+    format with template=chat)."""
+    turns = style.encode_turns if ids else style.turns
     if 'messages' in rec or 'conversations' in rec:
-        return style.turns(conversation(rec, where))
+        return turns(conversation(rec, where))
     instruction = rec.get('instruction')
     output = rec.get('output', rec.get('response'))
     if not isinstance(instruction, str) or not isinstance(output, str):
@@ -310,10 +352,11 @@ def sft_segments(rec, template, style, where):
     extra = rec.get('input') or rec.get('context') or ''
     if template == 'chat':
         user = instruction + ('\n\n' + extra if extra else '')
-        return style.turns([{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}])
+        return turns([{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}])
     prompt = ALPACA.format(paired=', paired with an input that provides further context' if extra else '',
                            instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else '')
-    return [(prompt, False), (output, True)]
+    text = (lambda s: style.tok.encode_parts([s])) if ids else (lambda s: s)  # noqa: E731
+    return [(text(prompt), False), (text(output), True)]
 
 
 def encode_sft(records, tok, block_size, template, style, path):
@@ -324,8 +367,7 @@ def encode_sft(records, tok, block_size, template, style, path):
     out, dropped = [], 0
     for n, rec in enumerate(records, 1):
         ids, learn = [], []
-        for text, learned in sft_segments(rec, template, style, f"{path} record {n}"):
-            t = tok.encode(text)
+        for t, learned in sft_segments(rec, template, style, f"{path} record {n}", ids=True):
             ids, learn = ids + t, learn + [learned] * len(t)
         if eos is not None and not style.template:  # a template writes its own end of turn
             ids, learn = ids + [eos], learn + [True]
@@ -339,29 +381,367 @@ def encode_sft(records, tok, block_size, template, style, path):
 
 
 def pack_examples(examples, block_size):
-    """Several examples per row, up to block_size + 1 tokens, targets kept: fewer pad tokens, faster steps."""
-    rows, ids, tgt = [], [], []
+    """Several examples per row, up to block_size + 1 tokens, targets kept, and each token's example number
+    (segments), so that attention stays inside an example and positions restart (model.py's positions):
+    a packed example computes exactly what it would alone, with fewer pad tokens and faster steps."""
+    rows, ids, tgt, seg = [], [], [], []
     for x, y in examples:
         if ids and len(ids) + len(x) > block_size + 1:
-            rows.append((ids, tgt))
-            ids, tgt = [], []
+            rows.append((ids, tgt, seg))
+            ids, tgt, seg = [], [], []
         tgt = tgt + ([-100] if ids else []) + y  # the first token of an example is not predicted from the last
+        seg = seg + [seg[-1] + 1 if seg else 0] * len(x)
         ids = ids + x
-    return rows + ([(ids, tgt)] if ids else [])
+    return rows + ([(ids, tgt, seg)] if ids else [])
 
 
 def sft_batch(examples, cfg, split, it, micro, device, pad_id):
     """(x, y) of batch_size examples drawn by (seed, split, it, micro) alone, so a resumed run sees the same
-    batches; padded on the right to the longest, with pad targets -100."""
+    batches; padded on the right to the longest, with pad targets -100. Packed rows (ids, targets, segments)
+    give x = (ids, segments), the padding its own segment."""
     rng = batch_rng(cfg.seed, split, it, micro)
     chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
-    T = max(len(ids) for ids, _ in chosen) - 1
+    T = max(len(ex[0]) for ex in chosen) - 1
     x = torch.full((cfg.batch_size, T), pad_id, dtype=torch.long)
     y = torch.full((cfg.batch_size, T), -100, dtype=torch.long)
-    for i, (ids, tgt) in enumerate(chosen):
+    seg = torch.full((cfg.batch_size, T), -1, dtype=torch.long)
+    for i, (ids, tgt, *rest) in enumerate(chosen):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(tgt)] = torch.tensor(tgt)
+        seg[i, :len(ids) - 1] = torch.tensor(rest[0][:-1] if rest else [0] * (len(ids) - 1))
+    return ((x.to(device), seg.to(device)) if cfg.pack else x.to(device)), y.to(device)
+
+
+def split_x(x):
+    """(ids, segments or None) of a batch's x, packed or not."""
+    return x if isinstance(x, tuple) else (x, None)
+
+
+class SFTLoss(nn.Module):
+    """model(x, y) -> (logits, loss) for train.py's loop, when plain next-token loss is not all: x may be packed
+    rows (ids, segments), and with a teacher the loss is alpha * distill_loss + (1 - alpha) * cross-entropy.
+    The teacher is held outside the module tree: not trained, not saved, not counted."""
+
+    def __init__(self, model, teacher=None, temperature=2.0, alpha=0.5):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.teacher = [teacher] if teacher is not None else []
+        self.temperature, self.alpha = temperature, alpha
+
+    def forward(self, x, y=None):
+        ids, segments = split_x(x)
+        logits, ce = self.model(ids, y, segments=segments)
+        if y is None or not self.teacher:
+            return logits, ce
+        with torch.no_grad():
+            t_logits, _ = self.teacher[0](ids, segments=segments)
+        return logits, self.alpha * distill_loss(logits, t_logits, y, self.temperature) + (1 - self.alpha) * ce
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation: the teacher's answers (distillation) and the model's own (make_pairs), cached on disk
+
+def prompt_messages(rec, where):
+    """The conversation a record's answer replies to: a chat record's turns before its last assistant message,
+    or an Alpaca/Dolly record's instruction (and input) as one user message."""
+    if 'messages' in rec or 'conversations' in rec:
+        return conversation(rec, where)[:-1]
+    if not isinstance(rec.get('instruction'), str):
+        raise UserError(f"{where}: expected 'instruction' (Alpaca/Dolly), 'messages' or 'conversations'; found keys "
+                        f"{sorted(rec)}")
+    extra = rec.get('input') or rec.get('context') or ''
+    return [{'role': 'user', 'content': rec['instruction'] + ('\n\n' + extra if extra else '')}]
+
+
+def record_answer(rec, where):
+    """The answer a record holds: its last assistant message, or its output (response)."""
+    if 'messages' in rec or 'conversations' in rec:
+        return conversation(rec, where)[-1]['content']
+    answer = rec.get('output', rec.get('response'))
+    if not isinstance(answer, str):
+        raise UserError(f"{where}: expected 'output' (or 'response'), 'messages' or 'conversations'; found keys "
+                        f"{sorted(rec)}")
+    return answer
+
+
+def with_answer(rec, answer):
+    """rec with its last assistant message (or its output) replaced by answer."""
+    if 'messages' in rec or 'conversations' in rec:
+        return {'messages': conversation(rec, 'the record')[:-1] + [{'role': 'assistant', 'content': answer}]}
+    return {**{k: v for k, v in rec.items() if k not in ('output', 'response')}, 'output': answer}
+
+
+def read_answers(path):
+    """{key: answer} of a cache file; a line cut short by a crash (the last one) is left out, and regenerated."""
+    out = {}
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8', errors='replace') as f:
+            for line in f:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    rec = json.loads(line)
+                    out[rec['key']] = rec
+    return out
+
+
+def generate_answers(model, tok, records, path, cfg, source, where, master):
+    """The answer model gives to each record's prompt, in its own chat format: batched, KV-cached, greedy or
+    sampled (cfg.gen_*). Each batch is appended to path as it finishes, keyed by the generator, the settings
+    and the prompt, so a resumed or restarted run generates only what is missing. Returns [{'text',
+    'finished'}] in record order (finished: the answer ended before gen_max_tokens). Under torchrun rank 0
+    generates and the others wait for its file."""
+    style = chat_style(tok)
+    prompts = [style.encode_prompt(prompt_messages(r, f"{where} record {n}")) for n, r in enumerate(records, 1)]
+    keys = [hashlib.sha256(json.dumps([source, cfg.gen_max_tokens, cfg.gen_temperature, cfg.seed, p]).encode())
+            .hexdigest()[:32] for p in prompts]
+    done = read_answers(path)
+    todo = sorted({i for i, k in enumerate(keys) if k not in done}, key=lambda i: -len(prompts[i]))
+    if todo and master:
+        print(f"generating {len(todo)} answers with {source} ({len(prompts) - len(todo)} cached in {path})")
+        eos = [tok.eos_id] if isinstance(tok.eos_id, int) else list(tok.eos_id or [])
+        t0 = time.time()
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with open(path, 'a', encoding='utf-8') as f:
+            for b in range(0, len(todo), cfg.gen_batch_size):
+                rows = todo[b:b + cfg.gen_batch_size]  # longest first: similar lengths, little padding
+                out = model.generate([prompts[i] for i in rows], cfg.gen_max_tokens, temperature=cfg.gen_temperature,
+                                     top_k=50 if cfg.gen_temperature else None, eos_id=eos, stop=style.stop or None,
+                                     decode=tok.decode, seed=cfg.seed + b)
+                for i, ids in zip(rows, out):
+                    new = ids[len(prompts[i]):]
+                    finished = bool(new) and (new[-1] in eos or any(st in tok.decode(new) for st in style.stop))
+                    text = tok.decode([t for t in new if t not in eos])
+                    for st in style.stop:
+                        text = text.split(st)[0]
+                    f.write(json.dumps({'key': keys[i], 'text': text.strip(), 'finished': finished}) + '\n')
+                f.flush()
+                print(f"  {min(b + cfg.gen_batch_size, len(todo))}/{len(todo)} answers, {time.time() - t0:.0f}s")
+        pack_linears(model, pack=False)  # generate packed the CPU weights for inference: unpack for training
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    done = read_answers(path)
+    return [done[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distillation: the student learns the teacher's answers (sequence-level, Kim & Rush 2016), its next-token
+# distributions (logits, Hinton et al. 2015), or both
+
+def distill_loss(student_logits, teacher_logits, targets, temperature):
+    """T^2 * KL(teacher || student) of the distributions softened by T, averaged over the positions with a
+    target. T^2 keeps the gradient's scale as T changes. A student vocabulary padded past the teacher's is cut to
+    the teacher's."""
+    valid = targets != -100
+    V = teacher_logits.size(-1)
+    s = F.log_softmax(student_logits[..., :V][valid].float() / temperature, dim=-1)  # (N, V)
+    t = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+
+
+def load_teacher(cfg, tok, device):
+    """The teacher model (frozen, eval mode, on device) and its tokenizer; for logits, one shared with the student."""
+    if not cfg.teacher:
+        raise UserError("task=distill needs --teacher=SRC: any model --init_from takes (an out_dir, a GGUF file, "
+                        "a Hugging Face folder or name)")
+    dtype = resolve_dtype(cfg.dtype, device) if device.startswith('cuda') else 'float32'
+    teacher, t_tok = load_model(cfg.teacher, device, dtype, cfg.trust_checkpoint)
+    if cfg.distill in ('logits', 'both') and t_tok.identity != tok.identity:
+        raise UserError(f"distill={cfg.distill} compares next-token distributions, so the student needs the "
+                        f"teacher's tokenizer: prepare its data with `prepare.py --tokenizer_from={cfg.teacher}`, "
+                        f"or use --distill=sequence (works across tokenizers)")
+    return teacher.requires_grad_(False), t_tok
+
+
+def distill_records(cfg, records, teacher, t_tok, master):
+    """records with the teacher's answers in place of theirs (answers cut off at gen_max_tokens are left out)."""
+    path = os.path.join(cfg.out_dir, 'teacher_answers.jsonl')
+    answers = generate_answers(teacher, t_tok, records, path, cfg, f"teacher {cfg.teacher}", cfg.data, master)
+    out = [with_answer(r, a['text']) for r, a in zip(records, answers) if a['finished'] and a['text']]
+    if master:  # the student's training set as records: for DPO's make_pairs, or any other run
+        with atomic_write(os.path.join(cfg.out_dir, 'teacher_data.jsonl'), encoding='utf-8') as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in out)
+    if master and len(out) < len(records):
+        print(f"distill: {len(records) - len(out)} of {len(records)} teacher answers left out (empty, or not "
+              f"finished within gen_max_tokens={cfg.gen_max_tokens})")
+    if not out:
+        raise UserError(f"the teacher finished none of its answers within gen_max_tokens={cfg.gen_max_tokens}: "
+                        f"raise it")
+    return out
+
+
+@torch.no_grad()
+def sft_evaluate(model, batch, cfg, device, dtype):
+    """Task.evaluate of distillation: the student's cross-entropy on held-out answers (the figure to compare with
+    an SFT-only student), its token accuracy, and the KL to the teacher when there is one."""
+    model.eval()
+    ce, kl, correct, counted = 0.0, 0.0, 0, 0
+    for k in range(cfg.eval_iters):
+        x, y = batch('val', k, 0)
+        ids, segments = split_x(x)
+        with autocast(device, dtype):
+            logits, loss = model.model(ids, y, segments=segments)
+            if model.teacher:
+                kl += distill_loss(logits, model.teacher[0](ids, segments=segments)[0], y, 1.0).item()
+        ce += loss.item()
+        valid = y != -100
+        correct += (logits.argmax(-1)[valid] == y[valid]).sum().item()
+        counted += valid.sum().item()
+    model.train()
+    out = {'val_loss': ce / cfg.eval_iters, 'val_ppl': math.exp(min(ce / cfg.eval_iters, 50)),
+           'val_acc': correct / max(1, counted)}
+    return {**out, 'val_kl': kl / cfg.eval_iters} if model.teacher else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPO (Rafailov et al. 2023): raise the policy's log-probability of the chosen answer over the rejected one,
+# relative to a frozen reference; loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))) over response tokens
+
+def pair_records(rec, where):
+    """(chosen record, rejected record) of a preference record: prompt (text or messages) with chosen and rejected
+    answers (text, or message lists whose last assistant message is the answer and whose earlier turns are the
+    prompt when there is no prompt field)."""
+    def answer(side):
+        v = rec.get(side)
+        if isinstance(v, str):
+            return None, v
+        if isinstance(v, list) and v and isinstance(v[-1], dict) and v[-1].get('role') == 'assistant':
+            return v[:-1], v[-1].get('content')
+        raise UserError(f"{where}: '{side}' must be the answer's text or a message list ending with the assistant's "
+                        f"(records are {{prompt, chosen, rejected}})")
+    if 'chosen' not in rec or 'rejected' not in rec:
+        raise UserError(f"{where} has no 'chosen' and 'rejected' (found keys {sorted(rec)}): DPO reads {{prompt, "
+                        f"chosen, rejected}} records; to build them from an SFT set add --make_pairs=True")
+    (pc, chosen), (pr, rejected) = answer('chosen'), answer('rejected')
+    prompt = rec.get('prompt', pc if pc is not None else pr)
+    if isinstance(prompt, str):
+        prompt = [{'role': 'user', 'content': prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, str) for m in (chosen, rejected)):
+        raise UserError(f"{where}: expected {{prompt, chosen, rejected}} (text or chat messages); found keys "
+                        f"{sorted(rec)}")
+    return ({'messages': prompt + [{'role': 'assistant', 'content': chosen}]},
+            {'messages': prompt + [{'role': 'assistant', 'content': rejected}]})
+
+
+def last_reply_only(tgt):
+    """Targets with only their last learned run kept: the final answer (a DPO response; earlier assistant turns
+    belong to the prompt)."""
+    j = max(i for i, t in enumerate(tgt) if t != -100)
+    while j >= 0 and tgt[j] != -100:
+        j -= 1
+    return [-100] * (j + 1) + tgt[j + 1:]
+
+
+def encode_pairs(records, tok, cfg, style, where):
+    """[(chosen (ids, targets), rejected (ids, targets))]; a pair with a side that does not fit is dropped."""
+    out, dropped = [], 0
+    for n, rec in enumerate(records, 1):
+        sides = [encode_sft([r], tok, cfg.block_size, 'chat', style, f"{where} record {n}")[0]
+                 for r in pair_records(rec, f"{where} record {n}")]
+        if not all(sides):
+            dropped += 1
+            continue
+        out.append(tuple((ids, last_reply_only(tgt)) for (ids, tgt), in sides))
+    return out, dropped
+
+
+def dpo_batch(pairs, cfg, split, it, micro, device, pad_id):
+    """(x, y) of batch_size pairs drawn by (seed, split, it, micro): rows 0..B-1 the chosen answers, B..2B-1 the
+    rejected ones, padded on the right."""
+    rng = batch_rng(cfg.seed, split, it, micro)
+    chosen = [pairs[i] for i in rng.integers(0, len(pairs), cfg.batch_size)]
+    rows = [c for c, _ in chosen] + [r for _, r in chosen]
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (ids, tgt) in enumerate(rows):
         x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
         y[i, :len(tgt)] = torch.tensor(tgt)
     return x.to(device), y.to(device)
+
+
+def sequence_logps(logits, targets):
+    """(B,) sums of the log-probabilities of each row's targets (positions with -100 do not count)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (picked * (targets != -100)).sum(-1)
+
+
+def dpo_loss(policy_logps, reference_logps, beta):
+    """(loss, chosen rewards, rejected rewards) of 2B rows of summed log-probabilities, chosen ones first; a
+    reward is beta * (policy - reference) log-probability."""
+    B = policy_logps.size(0) // 2
+    rewards = beta * (policy_logps - reference_logps)
+    chosen, rejected = rewards[:B], rewards[B:]
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+class DPOLoss(nn.Module):
+    """model(x, y) -> (logits, loss) for train.py's loop. The reference is the model with its adapters off
+    (LoRA, QLoRA: the same weights, no copy) or, for mode=full, a frozen copy made before training."""
+
+    def __init__(self, model, beta, reference=None):
+        super().__init__()
+        self.model, self.config, self.beta = model, model.config, beta
+        self.reference = [reference] if reference is not None else []  # outside the module tree: not trained or saved
+
+    def reference_logps(self, x, y):
+        with torch.no_grad():
+            if self.reference:
+                return sequence_logps(self.reference[0](x)[0], y)
+            with adapters_off(self.model):
+                return sequence_logps(self.model(x)[0], y)
+
+    def forward(self, x, y=None):
+        logits, _ = self.model(x)
+        if y is None:
+            return logits, None
+        loss, _, _ = dpo_loss(sequence_logps(logits, y), self.reference_logps(x, y), self.beta)
+        return logits, loss
+
+
+@torch.no_grad()
+def dpo_evaluate(model, batch, cfg, device, dtype):
+    """Task.evaluate of DPO on held-out pairs: loss, reward accuracy (chosen reward above rejected; a tie, as
+    before any training, counts half), reward margin, and the policy's mean log-probability of chosen and
+    rejected answers."""
+    model.eval()
+    sums = dict.fromkeys(('val_loss', 'val_reward_acc', 'val_reward_margin', 'val_chosen_logp',
+                          'val_rejected_logp'), 0.0)
+    for k in range(cfg.eval_iters):
+        x, y = batch('val', k, 0)
+        with autocast(device, dtype):
+            policy = sequence_logps(model.model(x)[0], y)
+            loss, chosen, rejected = dpo_loss(policy, model.reference_logps(x, y), model.beta)
+        margin = chosen - rejected
+        B = margin.size(0)
+        for key, v in (('val_loss', loss), ('val_reward_acc', ((margin > 0).float() + 0.5 * (margin == 0)).mean()),
+                       ('val_reward_margin', margin.mean()), ('val_chosen_logp', policy[:B].mean()),
+                       ('val_rejected_logp', policy[B:].mean())):
+            sums[key] += v.item()
+    model.train()
+    return {k: v / cfg.eval_iters for k, v in sums.items()}
+
+
+def dpo_data(cfg, model, tok, master):
+    """Train and held-out preference pairs from cfg.data, or with make_pairs built from an SFT set: the set's
+    answer is chosen, the model's own sampled answer rejected (SPIN, Chen et al. 2024)."""
+    records = read_records(cfg)
+    style = chat_style(tok)
+    if cfg.make_pairs:
+        path = os.path.join(cfg.out_dir, 'own_answers.jsonl')
+        own = generate_answers(model, tok, records, path, cfg, f"model {cfg.init_from}", cfg.data, master)
+        records = [{'prompt': prompt_messages(r, cfg.data), 'chosen': record_answer(r, cfg.data), 'rejected': a['text']}
+                   for r, a in zip(records, own) if a['text'].strip() != record_answer(r, cfg.data).strip()]
+        if master:
+            print(f"make_pairs: {len(records)} pairs (the set's answer chosen, the model's own rejected; {path})")
+    train_recs, val_recs = split_records(cfg, records)
+    val, dropped_v = encode_pairs(val_recs, tok, cfg, style, cfg.val_data or cfg.data)
+    train_pairs, dropped_t = encode_pairs(train_recs, tok, cfg, style, cfg.data)
+    if not train_pairs:
+        raise UserError(f"{cfg.data}: no preference pairs fit in block_size={cfg.block_size} tokens")
+    if master:
+        print(f"dpo: {len(train_pairs)} train / {len(val)} held-out pairs, beta {cfg.beta}"
+              + (f"; {dropped_t + dropped_v} dropped: the prompt alone fills the context" if dropped_t + dropped_v else ''))
+    return train_pairs, val or train_pairs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,17 +766,41 @@ def finetune_task(cfg, ckpt, device, master):
         if cfg.mode == 'full':  # heads that classification never uses get no gradient: DDP would wait for one
             for n, p in model.named_parameters():
                 p.requires_grad_(not n.startswith(('mlm_', 'lm_head.')))
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.task == 'dpo':  # before the adapters: make_pairs samples the model as it is, and full's reference copies it
+        train_pairs, val_pairs = dpo_data(cfg, model.to(device), tok, master)
+        reference = None if cfg.mode != 'full' else \
+            frozen_to(copy.deepcopy(model).requires_grad_(False).eval(), dtype)  # LoRA's: its base, adapters off
     fingerprint = base_fingerprint(model)  # before the adapters: what an adapter.pt is checked against
-    merged_before = add_adapters(model, cfg, resolve_dtype(cfg.dtype, device))
+    merged_before = add_adapters(model, cfg, dtype)
     trainable, total = count_params(model)
     if master:
         print(f"{cfg.mode}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
 
-    if cfg.task == 'sft':
-        train_ex, val_ex = sft_data(cfg, tok, master)
-        pad = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [0])[0]
+    pad = tok.eos_id if isinstance(tok.eos_id, int) else (tok.eos_id or [0])[0]
+    evaluate = None
+    if cfg.task in ('sft', 'distill'):
+        teacher = None
+        records = read_records(cfg)
+        if cfg.task == 'distill':
+            teacher, t_tok = load_teacher(cfg, tok, device)
+            if cfg.distill in ('sequence', 'both'):
+                records = distill_records(cfg, records, teacher, t_tok, master)
+            if cfg.distill == 'sequence':
+                teacher = None  # its answers are all it gives: free its memory before training
+        train_ex, val_ex = sft_data(cfg, records, tok, master)
+        if cfg.pack or teacher is not None:
+            model = SFTLoss(model, teacher, cfg.distill_temperature, cfg.distill_alpha)
+        if cfg.task == 'distill':
+            evaluate = lambda m: sft_evaluate(task.model if isinstance(task.model, SFTLoss)  # noqa: E731
+                                              else SFTLoss(task.model), batch, cfg, device, dtype)
         batch = lambda split, it, micro: sft_batch(train_ex if split == 'train' else val_ex, cfg, split,  # noqa: E731
                                                    it, micro, device, pad)
+    elif cfg.task == 'dpo':
+        model = DPOLoss(model, cfg.beta, reference)
+        batch = lambda split, it, micro: dpo_batch(train_pairs if split == 'train' else val_pairs, cfg, split,  # noqa: E731
+                                                   it, micro, device, pad)
+        evaluate = lambda m: dpo_evaluate(task.model, batch, cfg, device, dtype)  # noqa: E731
     elif cfg.task == 'lm':
         data_meta, data = load_data(cfg.data_dir)
         if meta_tokenizer(data_meta).identity != tok.identity:
@@ -409,9 +813,10 @@ def finetune_task(cfg, ckpt, device, master):
         batch = lambda split, it, micro: classify_batch(examples[split], cfg, split, it, micro, device)  # noqa: E731
         model = ClassifierLoss(model)
     else:
-        raise UserError(f"task must be sft, lm or classify, not '{cfg.task}'")
-    return Task(model=model, model_args=asdict(model.config), meta=meta, batch=batch,
+        raise UserError(f"task must be sft, distill, dpo, lm or classify, not '{cfg.task}'")
+    task = Task(model=model, model_args=asdict(model.config), meta=meta, batch=batch, evaluate=evaluate,
                 on_save=lambda m: save_finetuned(m, cfg, meta, fingerprint, merged_before))
+    return task
 
 
 def add_adapters(model, cfg, dtype):
@@ -562,15 +967,28 @@ def classify_report(model, examples, labels, device):
             'n': len(gold)}
 
 
-def sft_data(cfg, tok, master):
-    """Train and held-out examples from cfg.data, split by a seeded shuffle."""
+def read_records(cfg):
+    """The records of cfg.data (its first cfg.limit, if set)."""
     records = read_json_records(cfg.data, '--data')
-    style = chat_style(tok)
+    return records[:cfg.limit] if cfg.limit else records
+
+
+def split_records(cfg, records):
+    """(train, held-out) records: a seeded shuffle's val_fraction held out, or with val_data all of records to
+    train on and that file's to hold out."""
+    if cfg.val_data:
+        return records, read_json_records(cfg.val_data, '--val_data')
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_val = max(1, int(len(records) * cfg.val_fraction)) if len(records) > 1 else 0
-    val, dropped_v = encode_sft([records[i] for i in order[:n_val]], tok, cfg.block_size, cfg.template, style, cfg.data)
-    train, dropped_t = encode_sft([records[i] for i in order[n_val:]], tok, cfg.block_size, cfg.template, style,
-                                  cfg.data)
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+
+def sft_data(cfg, records, tok, master):
+    """Train and held-out examples of records (cfg.data's), split by split_records."""
+    style = chat_style(tok)
+    train_recs, val_recs = split_records(cfg, records)
+    val, dropped_v = encode_sft(val_recs, tok, cfg.block_size, cfg.template, style, cfg.val_data or cfg.data)
+    train, dropped_t = encode_sft(train_recs, tok, cfg.block_size, cfg.template, style, cfg.data)
     if not train:
         raise UserError(f"{cfg.data}: no training examples fit in block_size={cfg.block_size} tokens")
     if master:
@@ -584,9 +1002,10 @@ def sft_data(cfg, tok, master):
 def main(argv):
     cfg = parse_config(FinetuneConfig, argv)
     check_ranges(cfg, positive=('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
-                                'log_interval', 'lora_r', 'nf4_block'),
-                 non_negative=('learning_rate', 'min_lr', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'block_size',
-                               'weight_decay', 'grad_clip', 'patience', 'num_threads', 'lora_alpha'),
+                                'log_interval', 'lora_r', 'nf4_block', 'gen_max_tokens', 'gen_batch_size'),
+                 non_negative=('learning_rate', 'min_lr', 'max_iters', 'warmup_iters', 'lr_decay_iters', 'block_size', 'limit',
+                               'weight_decay', 'grad_clip', 'patience', 'num_threads', 'lora_alpha',
+                               'gen_temperature'),
                  fractions=('lora_dropout', 'beta1', 'beta2'))
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), not {cfg.val_fraction!r}")
@@ -595,8 +1014,22 @@ def main(argv):
         re.compile(TARGETS.get(cfg.lora_targets, cfg.lora_targets))
     except re.error as e:
         raise UserError(f"lora_targets={cfg.lora_targets!r} is not attn, mlp, all or a valid regex ({e})") from None
-    if cfg.task == 'sft' and not cfg.data:
-        raise UserError("task=sft needs --data=FILE.json or .jsonl of {instruction, input, output} records")
+    if cfg.task in ('sft', 'distill') and not cfg.data:
+        raise UserError(f"task={cfg.task} needs --data=FILE.json or .jsonl of {{instruction, input, output}} or "
+                        f"{{messages}} records")
+    if cfg.task == 'dpo' and not cfg.data:
+        raise UserError("task=dpo needs --data=FILE.json or .jsonl of {prompt, chosen, rejected} records (or an SFT "
+                        "set with --make_pairs=True)")
+    if cfg.distill not in ('sequence', 'logits', 'both'):
+        raise UserError(f"distill must be sequence, logits or both, not '{cfg.distill}'")
+    if cfg.teacher and cfg.task != 'distill':
+        raise UserError(f"--teacher is for --task=distill (this is task={cfg.task})")
+    if cfg.make_pairs and cfg.task != 'dpo':
+        raise UserError(f"--make_pairs builds DPO pairs: it needs --task=dpo (this is task={cfg.task})")
+    if not 0 <= cfg.distill_alpha <= 1:
+        raise UserError(f"distill_alpha must be in [0, 1], not {cfg.distill_alpha!r}")
+    if cfg.distill_temperature <= 0 or cfg.beta <= 0:
+        raise UserError("distill_temperature and beta must be > 0")
     if cfg.fsdp:
         raise UserError("finetune_lora.py runs single-process or DDP (torchrun); fsdp=True is for train.py")
     if cfg.task == 'classify' and not cfg.data:

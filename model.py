@@ -303,31 +303,38 @@ class Decoder(nn.Module):
         """Token embeddings (B, T, C) of idx at positions p, and the rope (cos, sin) for the blocks, or None."""
         raise NotImplementedError
 
-    def positions(self, idx, pos=None, pad=None):
+    def positions(self, idx, pos=None, pad=None, segments=None):
         """Positions of the tokens idx (B, T) and their attention mask. Training: 0..T-1 and a plain causal mask
-        (None). Decoding: the tokens sit at pos..pos+T-1 of rows left-padded by pad ((B,) counts, or None), their
-        keys and values go to the KV caches that setup_cache made, and positions count from each row's first
-        token."""
+        (None); or, for rows packed with several examples (segments (B, T): which example each token is), each
+        example counts positions from 0 and sees only itself, exactly as if it were alone. Decoding: the tokens sit
+        at pos..pos+T-1 of rows left-padded by pad ((B,) counts, or None), their keys and values go to the KV
+        caches that setup_cache made, and positions count from each row's first token."""
         T = idx.size(1)
         start = pos or 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         p = torch.arange(start, start + T, device=idx.device)
+        if segments is not None:
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            p = p - torch.where(first, p, 0).cummax(dim=1).values  # (B, T): distance from the example's start
+            same = segments[:, :, None] == segments[:, None, :]    # (B, T, T)
+            return p, (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
         if pad is not None:
             p = (p - pad[:, None]).clamp(min=0)  # (B, T)
         if pos is None or (T == 1 and pad is None):  # one new token sees the whole cache: no mask needed
             return p, None
         return p, cache_mask(pos, T, pad, idx.device)
 
-    def hidden(self, idx, pos=None, pad=None):  # the last block's output (B, T, C), before ln_f
-        p, mask = self.positions(idx, pos, pad)
+    def hidden(self, idx, pos=None, pad=None, segments=None):  # the last block's output (B, T, C), before ln_f
+        p, mask = self.positions(idx, pos, pad, segments)
         x, rope = self.embed(idx, p)
         return run_blocks(self, self.transformer.h, self.transformer.drop(x), rope=rope, attn_mask=mask, pos=pos)
 
-    def forward(self, idx, targets=None, pos=None, pad=None):
+    def forward(self, idx, targets=None, pos=None, pad=None, segments=None):
         """Logits (B, T, vocab_size), and the loss if targets are given. Decoding passes pos (see positions) and
-        needs the next token's logits only: (B, 1, vocab_size)."""
-        x = self.hidden(idx, pos, pad)
+        needs the next token's logits only: (B, 1, vocab_size). segments: see positions."""
+        x = self.hidden(idx, pos, pad, segments)
         if pos is not None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
