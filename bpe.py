@@ -1216,67 +1216,104 @@ SPECIAL_TYPES = {2, 3, 4}  # token_type: 1 normal, 2 unknown, 3 control, 4 user-
 GGUF_SCALARS = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q', 12: 'd'}
 
 
+def shown(name):
+    """A name from a file as it can stand in a one-line message: escaped where it holds a newline or the like,
+    and cut where long (a damaged length can make a key of a whole header)."""
+    return name if name.isprintable() and 0 < len(name) <= 80 else repr(name[:80]) + '...' * (len(name) > 80)
+
+
+class GGUFCursor:
+    """Reads a GGUF file's values in order from buf (bytes, a memoryview or an mmap), from byte pos on, with a
+    BPEError that names where (not a struct.error) when the file ends early or is damaged."""
+
+    def __init__(self, buf, where, pos=0):
+        self.buf, self.where, self.pos = buf, where, pos
+
+    def take(self, n, what):
+        if n > len(self.buf) - self.pos:
+            raise BPEError(f"{self.where}: truncated: the file ends inside {what} (byte {self.pos} of "
+                           f"{len(self.buf)}); download it again")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def scalar(self, code, what):
+        value = struct.unpack_from('<' + code, self.buf, self.take(struct.calcsize(code), what))[0]
+        # a float32 as the shortest decimal that rounds to it: 1e-05 where the bits say 9.999999747378752e-06
+        return shortest_float32(value) if code == 'f' else value
+
+    def string(self, what):
+        n = self.scalar('Q', what)
+        start = self.take(n, what)
+        try:
+            return str(self.buf[start:start + n], 'utf-8')
+        except UnicodeDecodeError:
+            raise BPEError(f"{self.where}: {what} is not UTF-8 text: the file is damaged") from None
+
+    def value(self, kind, what, depth=0):
+        if kind in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[kind], what)
+        if kind == 8:
+            return self.string(what)
+        if kind != 9 or depth:  # arrays of arrays exist in the spec but no model uses them
+            raise BPEError(f"{self.where}: {what} has value type {kind}, which is not a GGUF type (or a nested "
+                           f"array): the file is damaged or from a newer GGUF version")
+        item, n = self.scalar('I', what), self.scalar('Q', what)
+        if item in GGUF_SCALARS:  # numbers (token scores, types): one struct call; a float32 exact, as a double
+            code = GGUF_SCALARS[item]
+            return list(struct.unpack_from(f'<{n}{code}', self.buf, self.take(n * struct.calcsize(code), what)))
+        if n > len(self.buf) - self.pos:  # each item takes a byte at least: refuse a huge count before looping
+            self.take(n, what)
+        return [self.value(item, what, depth + 1) for _ in range(n)]
+
+
+def read_gguf_header(buf, where):
+    """(version, n_tensors, metadata, end) of the GGUF file (v2 or v3) whose bytes are buf (bytes, a memoryview
+    or an mmap): its header and its metadata {key: value}; the tensor table starts at byte end (read it with
+    GGUFCursor(buf, where, end), as weights.read_gguf does). A file that is not one raises a BPEError that
+    names where and says what to do."""
+    if not len(buf):
+        raise BPEError(f"{where}: empty file, not GGUF")
+    if bytes(buf[:4]) != b'GGUF':
+        raise BPEError(f"{where} is not a GGUF file (it starts with {bytes(buf[:4])!r}, not b'GGUF')")
+    r = GGUFCursor(buf, where, 4)
+    version = r.scalar('I', 'the version')
+    if version not in (2, 3):
+        hint = ("a big-endian file: convert it on a little-endian machine" if version > 0xFFFF else
+                "version 1 files are from 2023: convert the model again with a current llama.cpp" if version == 1
+                else "a newer format than this reader knows")
+        raise BPEError(f"{where}: GGUF version {version} is not supported (2 and 3 are): {hint}")
+    n_tensors, n_kv = r.scalar('Q', 'the tensor count'), r.scalar('Q', 'the metadata count')
+    if n_tensors > len(buf) or n_kv > len(buf):
+        raise BPEError(f"{where}: the header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
+                       f"the file can hold: it is damaged")
+    metadata = {}
+    for i in range(n_kv):
+        key = r.string(f'metadata key {i}')
+        if key in metadata:
+            raise BPEError(f"{where}: metadata key {shown(key)} appears twice: the file is damaged")
+        metadata[key] = r.value(r.scalar('I', f'the type of {shown(key)}'), f'metadata {shown(key)}')
+    return version, n_tensors, metadata, r.pos
+
+
 def read_gguf_metadata(path):
     """The metadata {key: value} of the GGUF file at path (v2 or v3), read with the standard library alone, so
     that a tokenizer comes out of a model file without torch (prepare.py); the tensors are not read. Values are
-    as weights.read_gguf gives them: a float32 as the shortest decimal that rounds to it."""
+    as weights.read_gguf gives them (it reads them with read_gguf_header too)."""
     path = os.fspath(path)
     try:
         with open(path, 'rb') as f:
-            if f.read(4) != b'GGUF':
-                raise BPEError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+            if not os.fstat(f.fileno()).st_size:  # (mmap cannot map an empty file)
+                read_gguf_header(b'', path)
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise BPEError(f"cannot read {path} ({e.strerror or e})") from None
-    pos = 4
-
-    def take(n, what):
-        nonlocal pos
-        if n > len(buf) - pos:
-            raise BPEError(f"{path}: truncated: the file ends inside {what}; download it again")
-        pos += n
-        return pos - n
-
-    def scalars(code, n, what):
-        values = struct.unpack_from(f'<{n}{code}', buf, take(n * struct.calcsize(code), what))
-        return list(map(shortest_float32, values)) if code == 'f' else list(values)
-
-    def string(what):
-        start = take(scalars('Q', 1, what)[0], what)
-        try:
-            return str(buf[start:pos], 'utf-8')
-        except UnicodeDecodeError:
-            raise BPEError(f"{path}: {what} is not UTF-8 text: the file is damaged") from None
-
-    def value(kind, what, array=True):
-        if kind in GGUF_SCALARS:
-            return scalars(GGUF_SCALARS[kind], 1, what)[0]
-        if kind == 8:
-            return string(what)
-        if kind != 9 or not array:
-            raise BPEError(f"{path}: {what} has value type {kind}, which is not a GGUF type (or a nested array)")
-        item, n = scalars('I', 1, what)[0], scalars('Q', 1, what)[0]
-        if item in GGUF_SCALARS:  # numbers (token types, scores): one struct call
-            return scalars(GGUF_SCALARS[item], n, what)
-        if n > len(buf) - pos:  # each item takes a byte at least: refuse a huge count before looping
-            take(n, what)
-        return [value(item, what, array=False) for _ in range(n)]
     with buf:
-        version = scalars('I', 1, 'the version')[0]
-        if version not in (2, 3):
-            raise BPEError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        _, n_kv = scalars('Q', 2, 'the header')
-        metadata = {}
-        for i in range(n_kv):
-            key = string(f'metadata key {i}')
-            if key in metadata:
-                raise BPEError(f"{path}: metadata key {key[:60]!r} appears twice: the file is damaged")
-            metadata[key] = value(scalars('I', 1, f'the type of {key[:60]!r}')[0], f'metadata {key[:60]!r}')
-    return metadata
+        return read_gguf_header(buf, path)[2]
 
 
 def shortest_float32(x):
-    """The shortest decimal that rounds to the float32 x, as a float (numpy's str of a float32).
+    """The shortest decimal that rounds to the float32 x, the nearer of two that do, as a float (numpy's str of
+    a float32).
 
     >>> shortest_float32(struct.unpack('<f', struct.pack('<f', 1e-05))[0])
     1e-05
@@ -1284,13 +1321,22 @@ def shortest_float32(x):
     if not math.isfinite(x):
         return x
     exact = struct.pack('<f', x)
-    for digits in range(1, 9):  # (9 digits always give x back)
-        y = float(f'{x:.{digits}g}')
+
+    def rounds_to_x(y):
         try:
-            if struct.pack('<f', y) == exact:
-                return y
+            return struct.pack('<f', y) == exact
         except OverflowError:  # rounded up past the largest float32
-            pass
+            return False
+    for digits in range(1, 9):  # (9 digits always give x back)
+        mantissa, exponent = f'{x:.{digits - 1}e}'.split('e')
+        y = float(f'{mantissa}e{exponent}')  # the nearest decimal of so many digits
+        if rounds_to_x(y):
+            return y
+        # at a power of two the float32s below are closer together than those above: the decimal on the other
+        # side of x, farther from it, may round to it where the nearest does not
+        other = float(f'{int(mantissa.replace(".", "")) + (1 if y < x else -1)}e{int(exponent) - digits + 1}')
+        if rounds_to_x(other):
+            return other
     return float(f'{x:.9g}')
 
 

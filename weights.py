@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import bpe
 from configurator import DownloadError, atomic_write, download
 from model import ModelConfig, assign_weights, build_model
 
@@ -73,10 +74,7 @@ def _st_int(x):
     return type(x) is int and 0 <= x < _INT64  # type, not isinstance: JSON's true is an int to Python
 
 
-def _shown(name):
-    """A name from a file as it can stand in a one-line message: escaped where it holds a newline or the like,
-    and cut where long (a damaged length can make a key of a whole header)."""
-    return name if name.isprintable() and 0 < len(name) <= 80 else repr(name[:80]) + '...' * (len(name) > 80)
+_shown = bpe.shown  # a name from a file as it can stand in a one-line message
 
 
 def _st_object(path):
@@ -762,8 +760,7 @@ def quantize(x, type_id):
 # ----------------------------------------------------------------------------------------------------------
 # GGUF
 
-# metadata value types: id -> struct code of a scalar (8 string and 9 array are read by hand)
-VALUE_TYPES = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q', 12: 'd'}
+# metadata value types 8 (string) and 9 (array); the numbers are bpe.GGUF_SCALARS
 STRING, ARRAY = 8, 9
 ARCHITECTURES = ('llama', 'qwen2', 'gpt2')
 MAX_DIMS = 4                 # ggml tensors have at most 4 dimensions
@@ -815,82 +812,23 @@ class GGUF:
         return torch.from_numpy(x).to(dtype)
 
 
-class _Cursor:
-    """Reads the header's values in order, with a clear error (not a struct.error) when the file ends early."""
-
-    def __init__(self, buf, path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def take(self, n, what):
-        if n > len(self.buf) - self.pos:
-            raise GGUFError(f"{self.path}: truncated: the file ends inside {what} (byte {self.pos} of "
-                            f"{len(self.buf)}); download it again")
-        start, self.pos = self.pos, self.pos + n
-        return start
-
-    def scalar(self, code, what):
-        start = self.take(struct.calcsize(code), what)
-        value = struct.unpack_from('<' + code, self.buf, start)[0]
-        # a float32 as the shortest decimal that rounds to it: 1e-05 where the bits say 9.999999747378752e-06
-        return float(str(np.float32(value))) if code == 'f' else value
-
-    def string(self, what):
-        n = self.scalar('Q', what)
-        start = self.take(n, what)
-        try:
-            return str(self.buf[start:start + n], 'utf-8')
-        except UnicodeDecodeError:
-            raise GGUFError(f"{self.path}: {what} is not UTF-8 text: the file is damaged") from None
-
-    def value(self, kind, what, depth=0):
-        if kind in VALUE_TYPES:
-            return self.scalar(VALUE_TYPES[kind], what)
-        if kind == STRING:
-            return self.string(what)
-        if kind != ARRAY or depth:  # arrays of arrays exist in the spec but no model uses them
-            raise GGUFError(f"{self.path}: {what} has value type {kind}, which is not a GGUF type (or a nested "
-                            f"array): the file is damaged or from a newer GGUF version")
-        item, n = self.scalar('I', what), self.scalar('Q', what)
-        if item in VALUE_TYPES:  # numbers: one numpy read instead of n struct calls (token scores, types)
-            size = struct.calcsize(VALUE_TYPES[item])
-            start = self.take(n * size, what)
-            return np.frombuffer(self.buf, dtype='<' + VALUE_TYPES[item].replace('?', 'b1'), count=n,
-                                 offset=start).tolist()
-        if n > len(self.buf) - self.pos:  # each item takes a byte at least: refuse a huge count before looping
-            self.take(n, what)
-        return [self.value(item, what, depth + 1) for _ in range(n)]
-
-
 def read_gguf(path):
     """The GGUF file at path: its metadata, its tensor table and the mapped data (read_gguf copies nothing)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: no such file (a .gguf from llama.cpp, Ollama or the Hub)")
-    with open(path, 'rb') as f:
-        if os.path.getsize(path) == 0:
-            raise GGUFError(f"{path}: empty file, not GGUF")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch wants writable buffers
-    buf = memoryview(mm)
-    r = _Cursor(buf, path)
-    if bytes(buf[:4]) != b'GGUF':
-        raise GGUFError(f"{path}: not a GGUF file (it starts with {bytes(buf[:4])!r}, not b'GGUF')")
-    r.take(4, 'the magic')
-    version = r.scalar('I', 'the version')
-    if version not in (2, 3):
-        hint = ("a big-endian file: convert it on a little-endian machine" if version > 0xFFFF else
-                "version 1 files are from 2023: convert the model again with a current llama.cpp" if version == 1
-                else "a newer format than this reader knows")
-        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 and 3 are): {hint}")
-    n_tensors, n_kv = r.scalar('Q', 'the tensor count'), r.scalar('Q', 'the metadata count')
-    if n_tensors > len(buf) or n_kv > len(buf):
-        raise GGUFError(f"{path}: the header claims {n_tensors} tensors and {n_kv} metadata entries, more than "
-                        f"the file can hold: it is damaged")
-    metadata = {}
-    for i in range(n_kv):
-        key = r.string(f'metadata key {i}')
-        if key in metadata:
-            raise GGUFError(f"{path}: metadata key {_shown(key)} appears twice: the file is damaged")
-        metadata[key] = r.value(r.scalar('I', f'the type of {_shown(key)}'), f'metadata {_shown(key)}')
+    with open(path, 'rb') as f:  # copy-on-write: torch wants writable buffers (mmap cannot map an empty file)
+        buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)) if os.path.getsize(path) else b''
+    try:
+        return _read_gguf(buf, path)
+    except bpe.BPEError as e:  # the header, metadata or tensor table is damaged: bpe.py's reader says how
+        raise GGUFError(str(e)) from None
+
+
+def _read_gguf(buf, path):
+    """read_gguf's work on the file's bytes buf; bpe.py reads the header and the metadata."""
+    version, n_tensors, metadata, end = bpe.read_gguf_header(buf, path)
+    r = bpe.GGUFCursor(buf, path, end)
     alignment = metadata.get('general.alignment', DEFAULT_ALIGNMENT)
     if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):  # (type: true is an int too)
         raise GGUFError(f"{path}: general.alignment is {alignment!r:.40}, not a power of two")
@@ -1132,7 +1070,6 @@ def recover_merges(ranks):
 def tokenizer_metadata(tok, vocab_size):
     """The tokenizer.* metadata of a bpe.Tokenizer (byte-level BPE: GPT-2's, bpe.py's own, or one read from a
     tokenizer.json or a GGUF), padded to the model's vocab_size with unused tokens as llama.cpp's converter pads."""
-    import bpe
     if tok is None:
         raise GGUFError("a character-level (or unknown) tokenizer has no GGUF form, and llama.cpp could not "
                         "encode text without one: train with prepare.py --tokenizer=bpe or gpt2")
