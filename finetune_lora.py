@@ -483,14 +483,22 @@ def read_answers(path):
     return out
 
 
-def generate_answers(model, tok, records, path, cfg, source, where, master):
-    """The answer model gives to each record's prompt, in its own chat format: batched, KV-cached, greedy or
-    sampled (cfg.gen_*). Each batch is appended to path as it finishes, keyed by the generator, the settings
+def prompt_ids(rec, template, style, where):
+    """The token ids of the prompt a record's answer replies to, in template's format (alpaca, or chat: the
+    model's chat format), ready for the answer to be generated."""
+    if template == 'alpaca' and 'messages' not in rec and 'conversations' not in rec:
+        return sft_segments(rec, 'alpaca', style, where, ids=True)[0][0]
+    return style.encode_prompt(prompt_messages(rec, where))
+
+
+def generate_answers(model, tok, records, path, cfg, source, where, master, template='chat'):
+    """The answer model gives to each record's prompt, in template's format (a teacher: its own chat format):
+    batched, KV-cached, greedy or sampled (cfg.gen_*). Each batch is appended to path as it finishes, keyed by the generator, the settings
     and the prompt, so a resumed or restarted run generates only what is missing. Returns [{'text',
     'finished'}] in record order (finished: the answer ended before gen_max_tokens). Under torchrun rank 0
     generates and the others wait for its file."""
     style = chat_style(tok)
-    prompts = [style.encode_prompt(prompt_messages(r, f"{where} record {n}")) for n, r in enumerate(records, 1)]
+    prompts = [prompt_ids(r, template, style, f"{where} record {n}") for n, r in enumerate(records, 1)]
     keys = [hashlib.sha256(json.dumps([source, cfg.gen_max_tokens, cfg.gen_temperature, cfg.seed, p]).encode())
             .hexdigest()[:32] for p in prompts]
     done = read_answers(path)
@@ -595,10 +603,10 @@ def sft_evaluate(model, batch, cfg, device, dtype):
 # DPO (Rafailov et al. 2023): raise the policy's log-probability of the chosen answer over the rejected one,
 # relative to a frozen reference; loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))) over response tokens
 
-def pair_records(rec, where):
+def pair_records(rec, where, template):
     """(chosen record, rejected record) of a preference record: prompt (text or messages) with chosen and rejected
     answers (text, or message lists whose last assistant message is the answer and whose earlier turns are the
-    prompt when there is no prompt field)."""
+    prompt when there is no prompt field). A prompt of text alone, with template=alpaca, makes Alpaca records."""
     def answer(side):
         v = rec.get(side)
         if isinstance(v, str):
@@ -612,11 +620,13 @@ def pair_records(rec, where):
                         f"chosen, rejected}} records; to build them from an SFT set add --make_pairs=True")
     (pc, chosen), (pr, rejected) = answer('chosen'), answer('rejected')
     prompt = rec.get('prompt', pc if pc is not None else pr)
-    if isinstance(prompt, str):
-        prompt = [{'role': 'user', 'content': prompt}]
-    if not isinstance(prompt, list) or not all(isinstance(m, str) for m in (chosen, rejected)):
+    if not isinstance(prompt, (str, list)) or not all(isinstance(m, str) for m in (chosen, rejected)):
         raise UserError(f"{where}: expected {{prompt, chosen, rejected}} (text or chat messages); found keys "
                         f"{sorted(rec)}")
+    if isinstance(prompt, str) and template == 'alpaca':
+        return {'instruction': prompt, 'output': chosen}, {'instruction': prompt, 'output': rejected}
+    if isinstance(prompt, str):
+        prompt = [{'role': 'user', 'content': prompt}]
     return ({'messages': prompt + [{'role': 'assistant', 'content': chosen}]},
             {'messages': prompt + [{'role': 'assistant', 'content': rejected}]})
 
@@ -630,12 +640,13 @@ def last_reply_only(tgt):
     return [-100] * (j + 1) + tgt[j + 1:]
 
 
-def encode_pairs(records, tok, cfg, style, where):
-    """[(chosen (ids, targets), rejected (ids, targets))]; a pair with a side that does not fit is dropped."""
+def encode_pairs(pairs, tok, cfg, style, where):
+    """[(chosen (ids, targets), rejected (ids, targets))] of pairs of SFT records (or preference records, which
+    pair_records reads); a pair with a side that does not fit is dropped."""
     out, dropped = [], 0
-    for n, rec in enumerate(records, 1):
-        sides = [encode_sft([r], tok, cfg.block_size, 'chat', style, f"{where} record {n}")[0]
-                 for r in pair_records(rec, f"{where} record {n}")]
+    for n, pair in enumerate(pairs, 1):
+        pair = pair if isinstance(pair, tuple) else pair_records(pair, f"{where} record {n}", cfg.template)
+        sides = [encode_sft([r], tok, cfg.block_size, cfg.template, style, f"{where} record {n}")[0] for r in pair]
         if not all(sides):
             dropped += 1
             continue
@@ -728,9 +739,10 @@ def dpo_data(cfg, model, tok, master):
     style = chat_style(tok)
     if cfg.make_pairs:
         path = os.path.join(cfg.out_dir, 'own_answers.jsonl')
-        own = generate_answers(model, tok, records, path, cfg, f"model {cfg.init_from}", cfg.data, master)
-        records = [{'prompt': prompt_messages(r, cfg.data), 'chosen': record_answer(r, cfg.data), 'rejected': a['text']}
-                   for r, a in zip(records, own) if a['text'].strip() != record_answer(r, cfg.data).strip()]
+        own = generate_answers(model, tok, records, path, cfg, f"model {cfg.init_from}", cfg.data, master,
+                               cfg.template)
+        records = [(r, with_answer(r, a['text'])) for r, a in zip(records, own)  # (chosen, rejected)
+                   if a['text'].strip() != record_answer(r, cfg.data).strip()]
         if master:
             print(f"make_pairs: {len(records)} pairs (the set's answer chosen, the model's own rejected; {path})")
     train_recs, val_recs = split_records(cfg, records)

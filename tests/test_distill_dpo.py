@@ -318,6 +318,9 @@ def test_dpo_reads_chat_message_pairs(student, tmp_path):
     # the plain format's reply: ' Blue.' and a line end, then the end of text (the earlier reply is prompt)
     assert learned(ci, ct) == ' Blue.\n<|endoftext|>' and learned(ri, rt) == ' No.\n<|endoftext|>'
     assert 'Hello.' in tok.decode(ci)
-    flat = finetune_lora.encode_pairs([{'prompt': 'Colour?', 'chosen': 'Blue.', 'rejected': 'No.'}], tok, cfg, style,
-                                      'x')[0]
-    assert learned(*flat[0][0]) == ' Blue.\n<|endoftext|>'
+    flat = {'prompt': 'Colour?', 'chosen': 'Blue.', 'rejected': 'No.'}  # a text prompt: the --template's format
+    (ids, tgt), _ = finetune_lora.encode_pairs([flat], tok, cfg, style, 'x')[0][0]
+    assert learned(ids, tgt) == 'Blue.<|endoftext|>' and '### Instruction:\nColour?' in tok.decode(ids)
+    cfg.template = 'chat'
+    (ids, tgt), _ = finetune_lora.encode_pairs([flat], tok, cfg, style, 'x')[0][0]
+    assert learned(ids, tgt) == ' Blue.\n<|endoftext|>' and tok.decode(ids).startswith('User: Colour?')
