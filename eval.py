@@ -555,9 +555,12 @@ class Scorer:
                 rows[j] = r
             together.clear()
         for i, (seqs, conts, wanted, p) in enumerate(prep):
+            n, T = len(seqs), max(len(s) - p for s in seqs)
             if together and together[-1] == i - 1 and common(prep[i - 1][0][0][:prep[i - 1][3]], seqs[0][:p]) >= 16:
                 flush()  # this item goes on from the last one's prefix: run those now, so its cache is kept
-            n, T = len(seqs), max(len(s) - p for s in seqs)
+            elif together and (max(p, max(prep[j][3] for j in together)) +
+                               max(T, max(len(q) - prep[j][3] for j in together for q in prep[j][0])) > self.block):
+                flush()  # left-padded to the longest prefix, plus the longest rest: it must fit in block_size
             if self.matched(seqs[0][:p]):
                 rows[i] = self.shared([prep[i]])[0]
             elif n * max(map(len, seqs)) <= p + n * T + self.CALL_COST:

@@ -171,6 +171,21 @@ def test_many_items_at_once_equal_each_alone(model_type):
             assert abs(ll - want[0]) < 1e-4 and greedy == want[1]
 
 
+def test_items_batched_together_fit_the_context(monkeypatch):
+    """A long shared prefix and another item's long continuations would overflow block_size when left-padded
+    together (PIQA on a 256-token model did): such items run in separate batches, and score as they do alone."""
+    model = tiny('llama', block=40)
+    s = scorer(model)
+    monkeypatch.setattr(s, 'CALL_COST', -10 ** 6)  # always the shared-prefix way
+    enc = s.tok.encode
+    groups = [[(enc(' '.join(['long'] * 30)), enc(c)) for c in (' a', ' b')],          # prefix 30, rest 1
+              [(enc('Short:'), enc(' ' + ' '.join(['x'] * n))) for n in (20, 25)]]  # prefix 2, rest 25
+    for pairs, got in zip(groups, s.score_many(groups)):
+        for (ll, greedy), (ctx, cont) in zip(got, pairs):
+            want = reference(model, ctx, cont)
+            assert abs(ll - want[0]) < 1e-4 and greedy == want[1]
+
+
 def test_a_prefix_shared_across_items_runs_once_and_changes_nothing(monkeypatch):
     model = tiny('llama', block=128)
     s = scorer(model)
