@@ -57,6 +57,14 @@ with ratios against transformers' fp32 and our bf16, and the issue's targets; --
 on the same weights (our save_pretrained export) and the same first --limit items of ../shared/data/eval's
 HellaSwag, ARC-Easy, PIQA, Winogrande, MMLU (--mmlu_items per subject, 5-shot) and WikiText (--pages articles),
 each task timed on its own; prints the scores side by side, the gap in points and the wall times.
+
+    python bench.py distill                                  # after python train.py config/chat/pretrain.py
+    python bench.py distill --limit=200 --max_iters=50       # a smoke run
+
+`distill` fine-tunes the pretrained student twice from the same start with the same steps of packed rows: on
+the instruction set's own answers (SFT only) and on SmolLM2's answers to the same prompts (sequence-level
+distillation; plus logit distillation when the student shares the teacher's tokenizer). Both are scored on
+SmolLM2's answers to held-out prompts; it prints the held-out losses, the curves and the training tokens.
 """
 import contextlib
 import copy
@@ -1590,8 +1598,101 @@ def bench_eval(argv):
 
 
 
+@dataclass
+class DistillBenchConfig:
+    student: str = 'out-chat-pretrain'  # the pretrained student (python train.py config/chat/pretrain.py)
+    teacher: str = '../shared/data/models/SmolLM2-135M-Instruct.Q4_1.gguf'
+    data: str = '../shared/data/instruct/instruction-data.json'
+    out_dir: str = 'bench-distill'      # the teacher's answers are cached here; each variant's run is a folder
+    limit: int = 0                      # the first N records (0 = all)
+    val_fraction: float = 0.1
+    gen_max_tokens: int = 160           # these four as config/chat/distill.py has them, so the teacher's answers
+    gen_batch_size: int = 16            # that its run cached (copy out-chat-distill/teacher_answers.jsonl into
+    max_iters: int = 150                # out_dir) are read, not generated again; max_iters is the same for every
+    batch_size: int = 16                # variant: packed rows, so the same tokens per step
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    eval_iters: int = 10
+    seed: int = 1337
+
+
+def bench_distill(argv):
+    """The held-out loss on the teacher's answers (to prompts neither student trained on) of a student fine-tuned
+    on the data's own answers (SFT only) and of one fine-tuned on the teacher's answers to the same prompts
+    (sequence-level distillation), with the same steps of packed rows, so the same training tokens; with a
+    tokenizer shared with the teacher, also logit distillation on top. Each variant is finetune_lora.py's
+    command line in a fresh process."""
+    import finetune_lora
+    import train
+    cfg = parse_config(DistillBenchConfig, argv)
+    fcfg = finetune_lora.FinetuneConfig(gen_max_tokens=cfg.gen_max_tokens, gen_batch_size=cfg.gen_batch_size,
+                                        seed=cfg.seed, teacher=cfg.teacher, data=cfg.data)
+    print(f"bench distill: student {cfg.student}, teacher {os.path.basename(cfg.teacher)}, on {cpu_name()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    records = train.read_json_records(cfg.data, '--data')[:cfg.limit or None]
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    n_val = max(1, int(len(records) * cfg.val_fraction))
+    t0 = time.time()
+    teacher, t_tok = train.load_model(cfg.teacher)
+    answers = finetune_lora.generate_answers(teacher, t_tok, records, os.path.join(cfg.out_dir, 'teacher_answers.jsonl'),
+                                             fcfg, f"teacher {cfg.teacher}", cfg.data, True)
+    gen_s = time.time() - t0
+    student, s_tok = train.load_model(cfg.student)
+    del teacher
+    ok = [bool(a['finished'] and a['text']) for a in answers]
+    sets = {'reference': [records[i] for i in order[n_val:]],
+            'teacher': [finetune_lora.with_answer(records[i], answers[i]['text']) for i in order[n_val:] if ok[i]],
+            'heldout': [finetune_lora.with_answer(records[i], answers[i]['text']) for i in order[:n_val] if ok[i]]}
+    paths = {}
+    for name, recs in sets.items():
+        paths[name] = os.path.join(cfg.out_dir, f'{name}.json')
+        with open(paths[name], 'w') as f:
+            json.dump(recs, f)
+    common = [f'--init_from={cfg.student}', '--task=sft', '--template=chat', '--mode=full', '--pack=True',
+              f"--val_data={paths['heldout']}", f'--max_iters={cfg.max_iters}', f'--batch_size={cfg.batch_size}',
+              f'--learning_rate={cfg.learning_rate}', f'--min_lr={cfg.min_lr}', '--warmup_iters=10',
+              f'--eval_interval={max(1, cfg.max_iters // 4)}', f'--eval_iters={cfg.eval_iters}', f'--seed={cfg.seed}']
+    variants = {'sft only (the data\'s answers)': [f"--data={paths['reference']}"],
+                'sequence distillation (the teacher\'s answers)': [f"--data={paths['teacher']}"]}
+    if s_tok.identity == t_tok.identity:
+        variants['sequence + logit distillation'] = [f"--data={paths['teacher']}", '--task=distill', '--distill=logits',
+                                                     f'--teacher={cfg.teacher}']
+    rows = []
+    for name, extra in variants.items():
+        out = os.path.join(cfg.out_dir, f'run{len(rows)}')
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        p = subprocess.run([sys.executable, 'finetune_lora.py', *common, *extra, f'--out_dir={out}'],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        if p.returncode:
+            sys.exit(f"error: {name}: {p.stderr.strip()[-2000:]}")
+        with open(os.path.join(out, 'metrics.jsonl')) as f:
+            evals = [r for r in map(json.loads, f) if 'val_loss' in r]
+        fc = parse_config(finetune_lora.FinetuneConfig, [*common, *extra])
+        fc.block_size = student.config.block_size  # as finetune_lora sets it: the rows it trained on
+        train_ex = finetune_lora.sft_data(fc, train.read_json_records(extra[0].partition('=')[2]), s_tok, False)[0]
+        tokens = sum(len(r[0]) - 1 for r in train_ex) / len(train_ex) * cfg.batch_size * cfg.max_iters
+        rows.append(dict(variant=name, curve=[round(r['val_loss'], 4) for r in evals], val_loss=evals[-1]['val_loss'],
+                         tokens=tokens, seconds=time.time() - t0))
+        print(f"{name}: held-out loss {evals[-1]['val_loss']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    base = rows[0]['val_loss']
+    print(f"\nteacher answers: {sum(ok)} of {len(records)} finished within {cfg.gen_max_tokens} tokens "
+          f"({gen_s:.0f}s to generate or read); held-out: {len(sets['heldout'])} prompts no student trained on\n")
+    print('| student | held-out loss on the teacher\'s answers | vs SFT only | curve | training tokens | s |')
+    print('| --- | ---: | ---: | --- | ---: | ---: |')
+    for r in rows:
+        print(f"| {r['variant']} | {r['val_loss']:.4f} | {r['val_loss'] / base - 1:+.1%} | "
+              f"{' → '.join(f'{v:.3f}' for v in r['curve'])} | {r['tokens']:,.0f} | {r['seconds']:.0f} |")
+    best = min(r['val_loss'] for r in rows[1:])
+    print(f"target: distilled held-out loss >= 10% below SFT-only's: {1 - best / base:.1%} lower "
+          f"{'met' if best <= 0.9 * base else 'MISSED'}")
+    return rows
+
+
 BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
-           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf, 'eval': bench_eval}
+           'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf, 'eval': bench_eval,
+           'distill': bench_distill}
 
 
 def main(argv):

@@ -278,6 +278,7 @@ class FinetuneConfig(LoopConfig):
     distill_alpha: float = 0.5      # weight of the KL; 1 - alpha goes to the hard-label cross-entropy
     # DPO (Rafailov et al. 2023): the reference is the model before training (with LoRA: the base, adapters off)
     beta: float = 0.1               # how far the policy may move from the reference
+    dpo_sft: float = 0.0            # + this times the chosen answers' cross-entropy per token (RPO): keeps them likely
     make_pairs: bool = False        # dpo from an SFT set: its answer is chosen, the model's own sample rejected (SPIN)
     # generation (the teacher's answers, make_pairs' samples), batched and KV-cached; cached in out_dir
     gen_max_tokens: int = 256
@@ -689,9 +690,9 @@ class DPOLoss(nn.Module):
     """model(x, y) -> (logits, loss) for train.py's loop. The reference is the model with its adapters off
     (LoRA, QLoRA: the same weights, no copy) or, for mode=full, a frozen copy made before training."""
 
-    def __init__(self, model, beta, reference=None):
+    def __init__(self, model, beta, reference=None, sft_weight=0.0):
         super().__init__()
-        self.model, self.config, self.beta = model, model.config, beta
+        self.model, self.config, self.beta, self.sft_weight = model, model.config, beta, sft_weight
         self.reference = [reference] if reference is not None else []  # outside the module tree: not trained or saved
 
     def reference_logps(self, x, y):
@@ -701,12 +702,21 @@ class DPOLoss(nn.Module):
             with adapters_off(self.model):
                 return sequence_logps(self.model(x)[0], y)
 
+    def objective(self, x, y):
+        """(loss, policy log-probabilities, chosen rewards, rejected rewards): DPO's loss, plus sft_weight times the
+        chosen answers' cross-entropy per token (RPO, Pang et al. 2024), which keeps them likely: DPO alone may
+        lower both answers' probabilities and wreck a small model's text."""
+        policy = sequence_logps(self.model(x)[0], y)
+        loss, chosen, rejected = dpo_loss(policy, self.reference_logps(x, y), self.beta)
+        if self.sft_weight:
+            B = policy.size(0) // 2
+            loss = loss - self.sft_weight * policy[:B].sum() / (y[:B] != -100).sum().clamp(min=1)
+        return loss, policy, chosen, rejected
+
     def forward(self, x, y=None):
-        logits, _ = self.model(x)
         if y is None:
-            return logits, None
-        loss, _, _ = dpo_loss(sequence_logps(logits, y), self.reference_logps(x, y), self.beta)
-        return logits, loss
+            return self.model(x)[0], None
+        return None, self.objective(x, y)[0]
 
 
 @torch.no_grad()
@@ -720,8 +730,7 @@ def dpo_evaluate(model, batch, cfg, device, dtype):
     for k in range(cfg.eval_iters):
         x, y = batch('val', k, 0)
         with autocast(device, dtype):
-            policy = sequence_logps(model.model(x)[0], y)
-            loss, chosen, rejected = dpo_loss(policy, model.reference_logps(x, y), model.beta)
+            loss, policy, chosen, rejected = model.objective(x, y)
         margin = chosen - rejected
         B = margin.size(0)
         for key, v in (('val_loss', loss), ('val_reward_acc', ((margin > 0).float() + 0.5 * (margin == 0)).mean()),
@@ -809,7 +818,7 @@ def finetune_task(cfg, ckpt, device, master):
         batch = lambda split, it, micro: sft_batch(train_ex if split == 'train' else val_ex, cfg, split,  # noqa: E731
                                                    it, micro, device, pad)
     elif cfg.task == 'dpo':
-        model = DPOLoss(model, cfg.beta, reference)
+        model = DPOLoss(model, cfg.beta, reference, cfg.dpo_sft)
         batch = lambda split, it, micro: dpo_batch(train_pairs if split == 'train' else val_pairs, cfg, split,  # noqa: E731
                                                    it, micro, device, pad)
         evaluate = lambda m: dpo_evaluate(task.model, batch, cfg, device, dtype)  # noqa: E731
@@ -1026,6 +1035,8 @@ def main(argv):
         re.compile(TARGETS.get(cfg.lora_targets, cfg.lora_targets))
     except re.error as e:
         raise UserError(f"lora_targets={cfg.lora_targets!r} is not attn, mlp, all or a valid regex ({e})") from None
+    if cfg.task not in ('sft', 'distill', 'dpo', 'lm', 'classify'):  # before the model loads
+        raise UserError(f"task must be sft, distill, dpo, lm or classify, not '{cfg.task}'")
     if cfg.task in ('sft', 'distill') and not cfg.data:
         raise UserError(f"task={cfg.task} needs --data=FILE.json or .jsonl of {{instruction, input, output}} or "
                         f"{{messages}} records")
@@ -1038,6 +1049,8 @@ def main(argv):
         raise UserError(f"--teacher is for --task=distill (this is task={cfg.task})")
     if cfg.make_pairs and cfg.task != 'dpo':
         raise UserError(f"--make_pairs builds DPO pairs: it needs --task=dpo (this is task={cfg.task})")
+    if cfg.dpo_sft < 0:
+        raise UserError(f"dpo_sft must be >= 0, not {cfg.dpo_sft!r}")
     if not 0 <= cfg.distill_alpha <= 1:
         raise UserError(f"distill_alpha must be in [0, 1], not {cfg.distill_alpha!r}")
     if cfg.distill_temperature <= 0 or cfg.beta <= 0:

@@ -15,6 +15,7 @@ from conftest import shared_file
 from model import ModelConfig, build_model
 from train import UserError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip('transformers')
 
 
@@ -208,6 +209,21 @@ def test_dpo_loss_and_rewards_equal_a_hand_computation():
     assert c.tolist() == pytest.approx(chosen, rel=1e-5) and rj.tolist() == pytest.approx(rejected, rel=1e-5)
 
 
+def test_dpo_sft_term_is_the_chosen_cross_entropy():
+    """dpo_sft adds w x the chosen rows' mean token cross-entropy (RPO) to DPO's loss, and nothing else."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model_type='llama', n_layer=1, n_head=2, n_embd=16, vocab_size=20, block_size=8))
+    reference = build_model(ModelConfig(model_type='llama', n_layer=1, n_head=2, n_embd=16, vocab_size=20, block_size=8))
+    x = torch.randint(0, 20, (4, 6))
+    y = torch.randint(0, 20, (4, 6))
+    y[:, :2] = -100
+    y[1, 5] = -100
+    plain, *_ = finetune_lora.DPOLoss(model, 0.3, reference).objective(x, y)
+    mixed, *_ = finetune_lora.DPOLoss(model, 0.3, reference, sft_weight=0.7).objective(x, y)
+    ce = F.cross_entropy(model(x[:2])[0].reshape(-1, 20), y[:2].reshape(-1), ignore_index=-100)
+    assert mixed.item() == pytest.approx(plain.item() + 0.7 * ce.item(), rel=1e-5)
+
+
 def preference_data(path, n=64, seed=0):
     """A synthetic preference: of two answers that differ only in their last word, the one ending with 'blue'."""
     import random
@@ -324,3 +340,16 @@ def test_dpo_reads_chat_message_pairs(student, tmp_path):
     cfg.template = 'chat'
     (ids, tgt), _ = finetune_lora.encode_pairs([flat], tok, cfg, style, 'x')[0][0]
     assert learned(ids, tgt) == ' Blue.\n<|endoftext|>' and tok.decode(ids).startswith('User: Colour?')
+
+
+def test_the_chat_path_configs_parse():
+    """config/chat's stages parse as the scripts they are for, and chain: each stage starts from the last."""
+    from configurator import parse_config
+    pre = parse_config(train.TrainConfig, [os.path.join(REPO, 'config', 'chat', 'pretrain.py')])
+    dis = parse_config(finetune_lora.FinetuneConfig, [os.path.join(REPO, 'config', 'chat', 'distill.py')])
+    dpo = parse_config(finetune_lora.FinetuneConfig, [os.path.join(REPO, 'config', 'chat', 'dpo.py')])
+    assert dis.init_from == pre.out_dir and dpo.init_from == dis.out_dir
+    assert dis.task == 'distill' and dis.teacher.endswith('.gguf') and dpo.task == 'dpo' and dpo.make_pairs
+    assert dpo.data == os.path.join(dis.out_dir, 'teacher_data.jsonl')
+    run = open(os.path.join(REPO, 'config', 'chat', 'run.sh')).read()
+    assert all(f'config/chat/{n}.py' in run for n in ('pretrain', 'distill', 'dpo'))
