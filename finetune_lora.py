@@ -398,19 +398,24 @@ def pack_examples(examples, block_size):
 
 def sft_batch(examples, cfg, split, it, micro, device, pad_id):
     """(x, y) of batch_size examples drawn by (seed, split, it, micro) alone, so a resumed run sees the same
-    batches; padded on the right to the longest, with pad targets -100. Packed rows (ids, targets, segments)
-    give x = (ids, segments), the padding its own segment."""
+    batches (see pad_rows)."""
     rng = batch_rng(cfg.seed, split, it, micro)
-    chosen = [examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)]
-    T = max(len(ex[0]) for ex in chosen) - 1
-    x = torch.full((cfg.batch_size, T), pad_id, dtype=torch.long)
-    y = torch.full((cfg.batch_size, T), -100, dtype=torch.long)
-    seg = torch.full((cfg.batch_size, T), -1, dtype=torch.long)
-    for i, (ids, tgt, *rest) in enumerate(chosen):
+    x, y = pad_rows([examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)], pad_id, cfg.pack)
+    return (tuple(t.to(device) for t in x) if cfg.pack else x.to(device)), y.to(device)
+
+
+def pad_rows(rows, pad_id, segments=False):
+    """(x, y) of rows (ids, targets[, segments]) padded on the right to the longest, pad targets -100; the last
+    id is not input. With segments x = (ids, segments), the padding its own segment (-1)."""
+    T = max(len(r[0]) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    seg = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (ids, tgt, *rest) in enumerate(rows):
         x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
         y[i, :len(tgt)] = torch.tensor(tgt)
         seg[i, :len(ids) - 1] = torch.tensor(rest[0][:-1] if rest else [0] * (len(ids) - 1))
-    return ((x.to(device), seg.to(device)) if cfg.pack else x.to(device)), y.to(device)
+    return ((x, seg) if segments else x), y
 
 
 def split_x(x):
@@ -660,13 +665,7 @@ def dpo_batch(pairs, cfg, split, it, micro, device, pad_id):
     rejected ones, padded on the right."""
     rng = batch_rng(cfg.seed, split, it, micro)
     chosen = [pairs[i] for i in rng.integers(0, len(pairs), cfg.batch_size)]
-    rows = [c for c, _ in chosen] + [r for _, r in chosen]
-    T = max(len(ids) for ids, _ in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (ids, tgt) in enumerate(rows):
-        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        y[i, :len(tgt)] = torch.tensor(tgt)
+    x, y = pad_rows([c for c, _ in chosen] + [r for _, r in chosen], pad_id)
     return x.to(device), y.to(device)
 
 
