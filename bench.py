@@ -58,6 +58,13 @@ on the same weights (our save_pretrained export) and the same first --limit item
 HellaSwag, ARC-Easy, PIQA, Winogrande, MMLU (--mmlu_items per subject, 5-shot) and WikiText (--pages articles),
 each task timed on its own; prints the scores side by side, the gap in points and the wall times.
 
+    python bench.py ablate                                   # the quick start's switches, 2 minutes each
+    python bench.py ablate --minutes=10 --seeds=1,2,3 --variants=";optimizer=muon"
+
+`ablate` trains config/shakespeare_char.py (or --config) in a fresh train.py process per variant and seed for a
+fixed wall time (--max_minutes, so a slower variant gets fewer iterations) and prints each variant's final val
+loss and bits per byte, the mean over seeds and the change against the first variant.
+
     python bench.py distill                                  # after python train.py config/chat/pretrain.py
     python bench.py distill --limit=200 --max_iters=50       # a smoke run
 
@@ -88,9 +95,9 @@ import numpy as np
 import torch
 
 import bpe
-from model import ModelConfig, build_model, configure_optimizers, flops_per_token, num_params, pack_linears
-from train import (MODEL_KEYS, TrainConfig, autocast, cpu_has_fast_bf16, get_batch, parse_config, resolve_device,
-                   resolve_dtype, run_cli, train_step)
+from model import ModelConfig, build_model, flops_per_token, num_params, pack_linears
+from train import (MODEL_KEYS, TrainConfig, autocast, cpu_has_fast_bf16, get_batch, make_optimizer, parse_config,
+                   resolve_device, resolve_dtype, run_cli, train_step)
 
 
 # The model shapes the benches build (all but train, which takes train.py's own config, and gguf, which reads its
@@ -136,13 +143,16 @@ def matmul_flops(dtype, device, n=2048, reps=10):
     """Best measured FLOP/s of an n x n x n matmul: the hardware rate that MFU is measured against."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float('inf')
+    best, spent = float('inf'), 0.0
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
         if device.startswith('cuda'):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
+        spent += time.perf_counter() - t0
+        if spent > 20:  # an emulated dtype (bf16 on CPUs without bf16 instructions) takes ~20 s a product
+            break
     return 2 * n ** 3 / best
 
 
@@ -174,8 +184,7 @@ def train_worker(cfg):
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
     model.grad_checkpoint = cfg.grad_checkpoint
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device.split(':')[0])
+    optimizer = make_optimizer(model, cfg, device, dtype)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=(dtype == 'float16'))
     step_model = torch.compile(model) if cfg.compile else model
     n = cfg.block_size * cfg.batch_size * (cfg.steps + cfg.warmup) * cfg.gradient_accumulation_steps + cfg.block_size + 1
@@ -1690,7 +1699,74 @@ def bench_distill(argv):
     return rows
 
 
-BENCHES = {'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
+# ----------------------------------------------------------------------------------------------------------
+# ablate: which of the speedrun's switches pay off in the quick start's shape, at a fixed wall time each
+
+
+@dataclass
+class AblateConfig:
+    config: str = 'config/shakespeare_char.py'  # train.py's config that every variant starts from
+    minutes: float = 2.0                  # wall time of each run (train.py --max_minutes); 0: the config's max_iters
+    seeds: str = '1337'                   # ',' between seeds: each variant runs once per seed
+    # ';' between variants, ',' between the overrides of one; '' is the config as it is (the baseline)
+    variants: str = (';optimizer=muon;qk_norm=True;mlp=relu2;logit_softcap=15;zero_init=True;'
+                     'tie_embeddings=False;lr_schedule=wsd')
+    common: str = ''                      # overrides for every variant, e.g. 'n_layer=4,eval_iters=10'
+    work_dir: str = ''                    # where the runs write (default: a temporary folder, removed after)
+
+
+def bench_ablate(argv):
+    """Each variant trains in a fresh train.py process for --minutes of wall time (max_minutes picks its
+    iterations from its own step time, so a slower variant gets fewer), once per seed, one at a time; prints the
+    final val loss and bits per byte of each, their mean over seeds, and the change against the first variant."""
+    cfg = parse_config(AblateConfig, argv)
+    variants = [v.strip() for v in cfg.variants.split(';')]
+    seeds = [int(x) for x in cfg.seeds.split(',') if x.strip()]
+    common = [f'--{kv.strip()}' for kv in cfg.common.split(',') if kv.strip()]
+    for v in variants:  # every override checked now, not after an hour of training
+        parse_config(TrainConfig, [cfg.config, *common, *(f'--{kv.strip()}' for kv in v.split(',') if kv.strip())])
+    peak = {d: matmul_flops(getattr(torch, d), 'cpu') for d in ('float32', 'bfloat16')}
+    print(f"bench ablate: {cfg.config}, {cfg.minutes:g} min per run, seeds {seeds}, on {cpu_name()}, "
+          f"{torch.get_num_threads()} threads; matmul peak float32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
+          f"bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s", flush=True)
+    work = cfg.work_dir or tempfile.mkdtemp(prefix='ablate-')
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for v in variants:
+        runs = []
+        for seed in seeds:
+            out = os.path.join(work, f"{len(rows)}-{seed}")
+            shutil.rmtree(out, ignore_errors=True)
+            args = [cfg.config, f'--max_minutes={cfg.minutes}', f'--seed={seed}', f'--out_dir={out}', *common,
+                    *(f'--{kv.strip()}' for kv in v.split(',') if kv.strip())]
+            t0 = time.time()
+            p = subprocess.run([sys.executable, os.path.join(here, 'train.py'), *args], capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(f"error: the run of {v or 'the baseline'} failed:\n{p.stderr[-2000:]}")
+            with open(os.path.join(out, 'metrics.jsonl')) as f:
+                records = [json.loads(line) for line in f]
+            last = [r for r in records if 'val_loss' in r][-1]
+            runs.append({'seed': seed, 'val_loss': last['val_loss'], 'val_bpb': last.get('val_bpb', float('nan')),
+                         'iters': last['iter'], 'wall_s': time.time() - t0})
+            curve = ' '.join(f"{r['iter']}:{r['val_loss']:.3f}" for r in records if 'val_loss' in r)
+            print(f"  {v or '(baseline)'} seed {seed}: val loss {last['val_loss']:.4f}, bpb {runs[-1]['val_bpb']:.4f}, "
+                  f"{last['iter']} iterations, {runs[-1]['wall_s']:.0f} s; val loss by iteration {curve}", flush=True)
+        rows.append((v or '(baseline)', runs))
+    if not cfg.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    base = statistics.mean(r['val_loss'] for r in rows[0][1])
+    table = []
+    for name, runs in rows:
+        loss = statistics.mean(r['val_loss'] for r in runs)
+        spread = f" ± {statistics.stdev(r['val_loss'] for r in runs):.4f}" if len(runs) > 1 else ''
+        table.append([name, f"{loss:.4f}{spread}", f"{statistics.mean(r['val_bpb'] for r in runs):.4f}",
+                      f"{loss - base:+.4f}", f"{statistics.mean(r['iters'] for r in runs):.0f}",
+                      f"{statistics.mean(r['wall_s'] for r in runs):.0f}"])
+    print(markdown_table(['variant', 'val loss', 'val bpb', 'vs first', 'iterations', 'wall s'], table))
+    return rows
+
+
+BENCHES = {'ablate': bench_ablate, 'train': bench_train, 'bpe': bench_bpe, 'decode': bench_decode, 'finetune': bench_finetune,
            'quantize': bench_quantize, 'rag': bench_rag, 'serve': bench_serve, 'gguf': bench_gguf, 'eval': bench_eval,
            'distill': bench_distill}
 

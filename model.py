@@ -40,7 +40,12 @@ class ModelConfig:
     rope_theta: float = 10000.0  # llama: RoPE base
     rope_scaling: dict = None    # llama: {'rope_type': 'linear' | 'llama3', 'factor': ...} as in HF configs
     norm_eps: float = 1e-5       # LayerNorm/RMSNorm epsilon (GPT-2 1e-5, LLaMA 1e-5/1e-6, BERT 1e-12)
-    tie_embeddings: bool = True  # share token embedding and output head (always true for gpt and bert)
+    tie_embeddings: bool = True  # share token embedding and output head (gpt, llama; always true for bert)
+    # the GPT-2 speedrun's switches (modded-nanogpt, nanochat); off by default, so pretrained weights load as before
+    mlp: str = ''                # gelu | swiglu | relu2 (relu(x)^2); '' = the family's own (swiglu for llama)
+    qk_norm: bool = False        # RMS-normalise each head's q and k before attention: steadier at high learning rates
+    logit_softcap: float = 0.0   # logits = cap * tanh(logits / cap): no logit can run away; 0 = off
+    zero_init: bool = False      # output projections (and an untied head) start at zero: each block starts as identity
     type_vocab_size: int = 2     # bert: token-type (segment) embeddings
     num_labels: int = 0          # classes of a sequence-classification head (model.classify); 0 = no head
 
@@ -53,8 +58,13 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        self.mlp = self.mlp or ('swiglu' if self.model_type == 'llama' else 'gelu')
+        if self.mlp not in ('gelu', 'swiglu', 'relu2'):
+            raise ValueError(f"mlp must be gelu, swiglu or relu2, not {self.mlp!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 = off), not {self.logit_softcap}")
         if self.intermediate_size == 0:
-            if self.model_type == 'llama':  # 2/3 of 4C keeps SwiGLU's three matrices at the cost of two
+            if self.mlp == 'swiglu':  # 2/3 of 4C keeps SwiGLU's three matrices at the cost of two
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
             else:
                 self.intermediate_size = 4 * self.n_embd
@@ -125,6 +135,7 @@ class Attention(nn.Module):
         self.proj.residual_scale = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
         self.kv_cache = None  # a KVCache while generating (setup_cache); a plain attribute, not a buffer
 
     def forward(self, x, rope=None, attn_mask=None, pos=None):
@@ -134,6 +145,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:  # unit RMS per head, no gain: a dot product cannot outgrow sqrt(hs) however weights grow
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
         if rope is not None:  # cos, sin already taken at these tokens' positions: (T, hs) or (B, 1, T, hs)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if pos is not None:  # decoding: keys and values of earlier positions come from the cache
@@ -187,18 +200,22 @@ def cache_mask(pos, T, pad, device):
 
 
 class MLP(nn.Module):
-    """GPT-2 and BERT: Linear -> GELU -> Linear. GPT-2 uses the tanh approximation of GELU, BERT the exact one."""
+    """GPT-2 and BERT: Linear -> GELU -> Linear. GPT-2 uses the tanh approximation of GELU, BERT the exact one.
+    mlp='relu2' squares a ReLU instead (Primer, So et al. 2021): sparse, cheap, and it learns faster in short runs."""
 
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.proj.residual_scale = True
-        self.approximate = 'tanh' if config.model_type == 'gpt' else 'none'
+        self.approximate = 'none' if config.model_type == 'bert' else 'tanh'
+        self.relu2 = config.mlp == 'relu2'
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        h = self.fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.proj(h))
 
 
 class SwiGLU(nn.Module):
@@ -231,7 +248,7 @@ class Block(nn.Module):
         self.post_ln = config.model_type == 'bert'
         self.ln_1, self.ln_2 = make_norm(config), make_norm(config)
         self.attn = Attention(config, causal=config.model_type != 'bert')
-        self.mlp = SwiGLU(config) if config.model_type == 'llama' else MLP(config)
+        self.mlp = SwiGLU(config) if config.mlp == 'swiglu' else MLP(config)
 
     def forward(self, x, rope=None, attn_mask=None, pos=None):
         if self.post_ln:  # BERT normalises after each residual add
@@ -256,13 +273,18 @@ _SKIP_INIT = False  # build_model(init=False) is building a model whose weights 
 
 
 def init_weights(model, config):
-    """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer). zero_init
+    starts those projections, and an untied head, at zero (modded-nanogpt): every block begins as the identity and
+    the first steps shape the residual stream instead of undoing random noise."""
     if _SKIP_INIT:
         return
+    head = getattr(model, 'lm_head', None)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             std = 0.02 / math.sqrt(2 * config.n_layer) if getattr(m, 'residual_scale', False) else 0.02
-            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if config.zero_init and (getattr(m, 'residual_scale', False) or m is head and not config.tie_embeddings):
+                std = 0.0
+            nn.init.normal_(m.weight, mean=0.0, std=std) if std else nn.init.zeros_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
@@ -338,6 +360,9 @@ class Decoder(nn.Module):
         if pos is not None:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.logit_softcap:  # in float32: tanh near its asymptotes needs the precision
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
     def classify(self, idx, labels=None, attention_mask=None):
@@ -441,11 +466,11 @@ class Decoder(nn.Module):
 
 
 class GPT(Decoder):
-    """GPT-2: learned position embeddings, LayerNorm, GELU MLP, the head tied to the token embeddings."""
+    """GPT-2: learned position embeddings, LayerNorm, GELU MLP, the head tied to the token embeddings (or not)."""
 
     def __init__(self, config):
         assert config.model_type == 'gpt'
-        super().__init__(config, learned_positions=True, tie_embeddings=True)
+        super().__init__(config, learned_positions=True, tie_embeddings=config.tie_embeddings)
 
     def embed(self, idx, p):
         return self.transformer.wte(idx) + self.transformer.wpe(p), None
@@ -548,7 +573,7 @@ def assign_weights(model, state):
     """Make the tensors of state (a full state dict in our names) the model's parameters, without copying them; a
     tied head stays tied (assigning gives each name its own Parameter)."""
     model.load_state_dict(state, strict=True, assign=True)
-    if model.config.model_type == 'gpt' or (model.config.model_type == 'llama' and model.config.tie_embeddings):
+    if model.config.model_type != 'bert' and model.config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model
 
@@ -575,9 +600,12 @@ def flops_per_token(model, seq_len):
     return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, fused=True):
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, fused=True, muon=None):
     """AdamW with weight decay on matrices and embeddings only (not on biases and norm gains).
-    fused=False for sharded (DTensor) parameters, which the fused kernel does not take."""
+    fused=False for sharded (DTensor) parameters, which the fused kernel does not take. muon: a dict of Muon's
+    settings (lr, momentum, weight_decay, ns_dtype) to give the blocks' matrices to Muon instead (see Muon)."""
+    if muon is not None:
+        return Muon.for_model(model, weight_decay, learning_rate, betas, **muon)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -585,6 +613,123 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     # the fused kernel is one launch for all parameters; PyTorch has it for CUDA and CPU
     fused = fused and 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+
+def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+    """About U V^T for G = U S V^T: G with every singular value moved near 1, by a quintic Newton-Schulz iteration
+    X <- aX + b(XX^T)X + c(XX^T)^2 X. Keller Jordan's coefficients (a, b, c) make small singular values grow fast
+    and leave them anywhere in ~[0.7, 1.2] after 5 steps instead of converging: good enough for a step direction,
+    and stable in bf16, so on a GPU the cost is a few bf16 matmuls per matrix."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    wide = G.size(0) <= G.size(1)
+    X = G.to(dtype) if wide else G.to(dtype).T  # (m, n), m <= n: X X^T is the small Gram matrix
+    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the iteration's basin
+    for _ in range(steps):
+        A = X @ X.T                 # (m, m)
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X if wide else X.T).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024) for the hidden matrices, AdamW for everything else, as one optimizer, so the
+    schedule, GradScaler, clipping and checkpoints treat it like AdamW. A Muon step on a matrix W (out, in):
+    momentum M <- mu M + (1 - mu) G, a Nesterov look-ahead G + mu (M - G), then that direction orthogonalised
+    (newton_schulz) and scaled by sqrt(max(1, out/in)), so every matrix moves by about the same spectral norm
+    whatever its gradient's scale. A fused matrix (q/k/v, SwiGLU's gate/up) is orthogonalised piece by piece,
+    as the separate matrices it stands for. Groups with muon=True take Muon's lr, momentum and weight decay;
+    the others are AdamW's (lr, betas, eps, weight_decay).
+
+    Under torch.distributed (DDP: every process holds the same averaged gradients), process r orthogonalises
+    matrices r, r + world, ... and broadcasts the results, so the Newton-Schulz work is shared out and every
+    process ends the step with the same weights and state. FSDP shards matrices, which Muon needs whole."""
+
+    def __init__(self, groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95,
+                 ns_steps=5, ns_dtype=torch.bfloat16):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      ns_steps=ns_steps, muon=False, split=None, lr_ratio=1.0))
+        self.ns_dtype = ns_dtype  # not a hyperparameter: left out of the state dict, which stays portable
+
+    @classmethod
+    def for_model(cls, model, weight_decay, learning_rate, betas, lr=0.02, momentum=0.95, muon_weight_decay=0.0,
+                  ns_dtype=torch.bfloat16):
+        """Muon for the 2-D weights inside the blocks; AdamW (learning_rate) for embeddings, head, norms, biases.
+        Muon's lr follows the same schedule as learning_rate: each step sets lr * lr_ratio (train.py's loop)."""
+        if learning_rate <= 0:
+            raise ValueError("Muon's learning rate follows learning_rate's schedule, so learning_rate must be > 0")
+        in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
+        matrices, decay, no_decay = {}, [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.dim() == 2 and id(p) in in_blocks:
+                matrices.setdefault(muon_split(model, name, p), []).append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{'params': ps, 'muon': True, 'split': list(split) if split else None, 'lr': lr,
+                   'lr_ratio': lr / learning_rate, 'momentum': momentum, 'weight_decay': muon_weight_decay}
+                  for split, ps in matrices.items()]
+        groups += [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        return cls([g for g in groups if g['params']], lr=learning_rate, betas=betas, ns_dtype=ns_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            (self.muon_step if group['muon'] else self.adamw_step)(group)
+        return loss
+
+    def adamw_step(self, group):
+        (beta1, beta2), lr, wd, eps = group['betas'], group['lr'], group['weight_decay'], group['eps']
+        for p in group['params']:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state['step'] += 1
+            t = state['step'].item()
+            p.mul_(1 - lr * wd)
+            state['exp_avg'].lerp_(p.grad, 1 - beta1)
+            state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state['exp_avg_sq'].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+            p.addcdiv_(state['exp_avg'], denom, value=-lr / (1 - beta1 ** t))
+
+    def muon_step(self, group):
+        dist = torch.distributed
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() \
+            else (1, 0)
+        params = [p for p in group['params'] if p.grad is not None]
+        mu, updates, pending = group['momentum'], [], []
+        for i, p in enumerate(params):
+            buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+            buf.lerp_(p.grad, 1 - mu)  # every process keeps every buffer: the state a checkpoint saves
+            if i % world != rank:
+                updates.append(torch.empty_like(p))  # filled by the broadcast from its owner
+            else:
+                g = p.grad.lerp(buf, mu)  # Nesterov
+                pieces = g.split(group['split']) if group['split'] else (g,)
+                u = torch.cat([newton_schulz(x, group['ns_steps'], self.ns_dtype) *
+                               max(1, x.size(0) / x.size(1)) ** 0.5 for x in pieces])
+                updates.append(u)
+            if world > 1:
+                pending.append(dist.broadcast(updates[-1], src=i % world, async_op=True))
+        for work in pending:
+            work.wait()
+        for p, u in zip(params, updates):
+            p.mul_(1 - group['lr'] * group['weight_decay'])
+            p.add_(u, alpha=-group['lr'])
+
+
+def muon_split(model, name, p):
+    """How a block's matrix splits into the matrices it fuses: qkv's rows into q, k and v, SwiGLU's gate_up into
+    gate and up; () when it is one matrix."""
+    cfg = model.config
+    hs = cfg.n_embd // cfg.n_head
+    if name.endswith('attn.qkv.weight') and p.size(0) == (cfg.n_head + 2 * cfg.n_kv_head) * hs:
+        return (cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs)
+    if name.endswith('mlp.gate_up.weight') and p.size(0) % 2 == 0:
+        return (p.size(0) // 2,) * 2
+    return ()
 
 
 # ----------------------------------------------------------------------------------------------------------

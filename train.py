@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import statistics
 import sys
 import time
 import unicodedata
@@ -56,11 +57,18 @@ class LoopConfig:
     block_size: int = 256                    # tokens per sequence: the model's context (see TrainConfig)
     batch_size: int = 16                     # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1     # micro-steps per iteration, over all processes together
-    # optimisation: AdamW, linear warmup then cosine decay to min_lr
+    # optimisation: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr
     max_iters: int = 2000
-    learning_rate: float = 1e-3
+    max_minutes: float = 0.0                 # a wall-time budget: max_iters from the measured step time; 0 = off
+    optimizer: str = 'adamw'                 # adamw | muon (the blocks' 2-D weights; AdamW for the rest)
+    learning_rate: float = 1e-3              # AdamW's (with muon: embeddings, head, norms, biases)
     min_lr: float = 1e-4
+    muon_lr: float = 0.02                    # Muon's peak lr; it follows learning_rate's schedule
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     warmup_iters: int = 100
+    lr_schedule: str = 'cosine'              # cosine | wsd (warmup, stable, then linear decay over decay_frac)
+    decay_frac: float = 0.2                  # wsd: the fraction of lr_decay_iters spent decaying to min_lr
     lr_decay_iters: int = 0                  # 0 = max_iters
     decay_lr: bool = True
     weight_decay: float = 0.1
@@ -89,6 +97,7 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     """train.py's settings: the loop's, and the data and model that lm_task builds."""
     data_dir: str = 'data/shakespeare_char'  # a folder written by prepare.py
+    doc_aligned: bool = False                # every row starts at a document start, rows best-fit packed
     init_from: str = 'scratch'               # scratch | resume (from out_dir/ckpt.pt)
     # model (see model.ModelConfig; block_size is above); vocab_size 0 = the data's vocabulary (+1 [MASK] for bert)
     model_type: str = 'gpt'
@@ -102,6 +111,10 @@ class TrainConfig(LoopConfig):
     bias: bool = True
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    mlp: str = ''                            # gelu | swiglu | relu2; '' = the family's (swiglu for llama)
+    qk_norm: bool = False
+    logit_softcap: float = 0.0               # 0 = off; e.g. 15
+    zero_init: bool = False                  # output projections (and an untied head) start at zero
     mlm_probability: float = 0.15            # bert: fraction of tokens to predict
 
 
@@ -120,6 +133,24 @@ def check_train_config(cfg):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}): the decay would raise it")
     writable_dir(cfg.out_dir, 'out_dir')
+
+
+def check_loop_config(cfg):
+    """The checks of LoopConfig's keys that train() needs whatever the task (train.py's, finetune_lora.py's)."""
+    check_ranges(cfg, non_negative=('max_minutes', 'muon_weight_decay'), fractions=('muon_momentum',))
+    if cfg.optimizer not in ('adamw', 'muon'):
+        raise UserError(f"optimizer must be adamw or muon, not '{cfg.optimizer}'")
+    if cfg.lr_schedule not in ('cosine', 'wsd'):
+        raise UserError(f"lr_schedule must be cosine or wsd, not '{cfg.lr_schedule}'")
+    if not 0 < cfg.decay_frac <= 1:
+        raise UserError(f"decay_frac must be in (0, 1], not {cfg.decay_frac!r}")
+    if cfg.optimizer == 'muon':
+        if cfg.fsdp:
+            raise UserError("optimizer=muon needs whole matrices and fsdp=True shards them: use DDP (fsdp=False, "
+                            "each process keeps the whole model) or optimizer=adamw")
+        if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
+            raise UserError("optimizer=muon needs learning_rate > 0 and muon_lr > 0 (Muon's lr follows "
+                            "learning_rate's schedule)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,11 +264,46 @@ def batch_rng(seed, split, it, micro):
     return np.random.default_rng([seed, 0 if split == 'train' else 1, it, micro])
 
 
-def get_batch(data, cfg, split, it, micro, device, mask_id=None):
+def document_index(shards, eot):
+    """(shard, start, length) arrays of the documents in token arrays whose documents are separated by eot (prepare.py
+    writes eot before every document but a split's first): each document starts at its eot, which reads as BOS."""
+    found = []
+    for s, a in enumerate(shards):
+        starts = np.flatnonzero(np.asarray(a) == eot)
+        starts = np.concatenate(([0], starts[starts > 0]))
+        lengths = np.diff(np.append(starts, len(a)))
+        found.append(np.stack([np.full(len(starts), s), starts, lengths], axis=1)[lengths >= 2])
+    return np.concatenate(found)
+
+
+def pack_documents(shards, docs, rng, n, length, pool=64):
+    """n rows of length tokens, each starting at a document start: best-fit packing (nanochat's dataloader) from a
+    pool of random documents, the longest one that fits the room left in a row first; when none fits, the
+    shortest is cut to fill the row, which wastes the least. No row starts mid-document, and a document longer
+    than a row is only ever seen up to a row's length. Returns (n, length) int64."""
+    picks = list(rng.integers(0, len(docs), pool))
+    rows = np.empty((n, length), dtype=np.int64)
+    for r in range(n):
+        filled = 0
+        while filled < length:
+            room, lens = length - filled, docs[picks, 2]
+            fits = np.flatnonzero(lens <= room)
+            j = fits[np.argmax(lens[fits])] if len(fits) else int(np.argmin(lens))
+            s, start, size = docs[picks[j]]
+            take = min(size, room)
+            rows[r, filled:filled + take] = shards[s][start:start + take]
+            filled += take
+            picks[j] = rng.integers(0, len(docs))
+    return rows
+
+
+def get_batch(data, cfg, split, it, micro, device, mask_id=None, docs=None):
     """The batch for (seed, split, iteration, micro-step): a pure function, so resume and DDP are exact.
-    Returns x, y of shape (batch_size, block_size) on device."""
+    Returns x, y of shape (batch_size, block_size) on device. docs: {split: document_index} for rows that
+    start at document starts (doc_aligned); None: windows at random positions."""
     rng = batch_rng(cfg.seed, split, it, micro)
-    w = sample_windows(data[split], rng, cfg.batch_size, cfg.block_size + 1)
+    w = pack_documents(data[split], docs[split], rng, cfg.batch_size, cfg.block_size + 1) if docs else \
+        sample_windows(data[split], rng, cfg.batch_size, cfg.block_size + 1)
     if cfg.model_type == 'bert':
         x, y = mask_tokens(w[:, :-1], rng, mask_id, mask_id, cfg.mlm_probability)
     else:
@@ -249,7 +315,9 @@ def get_batch(data, cfg, split, it, micro, device, mask_id=None):
 
 
 def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters (0 = max_iters)."""
+    """Linear warmup for warmup_iters, then to min_lr at lr_decay_iters (0 = max_iters): by a cosine, or (wsd:
+    warmup-stable-decay) constant until the last decay_frac of the iterations and linear from there. WSD's
+    stable phase does not need the run's length, so a run can be stopped or extended before it decays."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -257,6 +325,11 @@ def get_lr(it, cfg):
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == 'wsd':
+        start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_frac * decay_iters))
+        if it < start:
+            return cfg.learning_rate
+        return cfg.learning_rate + (it - start) / (decay_iters - start) * (cfg.min_lr - cfg.learning_rate)
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -798,12 +871,35 @@ def eval_data_tokens(cfg, tok):
 # evaluation
 
 
+def token_bytes(meta, vocab_size):
+    """(vocab_size,) int64: the UTF-8 bytes each token id stands for, 0 for special tokens and padding ids. With it
+    a loss becomes bits per byte, which does not depend on the tokenizer (nanochat's evaluate_bpb). None when the
+    data has no tokenizer (a dry run's random tokens)."""
+    tok = (meta or {}).get('tokenizer') or {}
+    if not tok:
+        return None
+    out = np.zeros(vocab_size, dtype=np.int64)
+    if tok.get('kind') == 'char':
+        sizes = [len(c.encode('utf-8')) for c in tok['chars']]
+    elif tok.get('kind') == 'tiktoken':
+        enc = tiktoken_encoding(tok['name'])
+        special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+        sizes = [0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    else:
+        b = meta_tokenizer(meta).bpe
+        special = set(b.special_tokens.values())
+        sizes = [0 if i in special or i not in b.vocab else len(b.vocab[i]) for i in range(b.vocab_size)]
+    out[:min(len(sizes), vocab_size)] = sizes[:vocab_size]
+    return torch.from_numpy(out)
+
+
 @torch.no_grad()
-def evaluate(model, batch, cfg, device, dtype):
+def evaluate(model, batch, cfg, device, dtype, token_bytes=None):
     """Mean loss, perplexity and token accuracy over eval_iters fixed val batches, batch('val', k, 0) -> (x, y)
-    (the same ones every time, so successive evaluations are comparable)."""
+    (the same ones every time, so successive evaluations are comparable); with token_bytes (see there) also bits
+    per byte: the summed loss of the tokens that are text, in bits, over the bytes of that text."""
     model.eval()
-    total_loss, correct, counted = 0.0, 0, 0
+    total_loss, correct, counted, nats, nbytes = 0.0, 0, 0, 0.0, 0
     for k in range(cfg.eval_iters):
         x, y = batch('val', k, 0)
         with autocast(device, dtype):
@@ -812,9 +908,17 @@ def evaluate(model, batch, cfg, device, dtype):
         valid = y != -100
         correct += (logits.argmax(-1)[valid] == y[valid]).sum().item()
         counted += valid.sum().item()
+        if token_bytes is not None:
+            size = token_bytes.to(y.device)[y.clamp(min=0)] * valid  # (B, T) bytes of each target
+            per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction='none')
+            nats += (per_token * (size.flatten() > 0)).sum().item()
+            nbytes += size.sum().item()
     model.train()
     val_loss = total_loss / cfg.eval_iters
-    return {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)), 'val_acc': correct / max(1, counted)}
+    out = {'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)), 'val_acc': correct / max(1, counted)}
+    if nbytes:
+        out['val_bpb'] = nats / math.log(2) / nbytes
+    return out
 
 
 def estimate_memory(model, cfg, dtype, model_args):
@@ -851,6 +955,7 @@ class Task:
     on_save: Optional[Callable] = None  # on_save(model) on rank 0 after each checkpoint (finetune_lora.py: merged model)
     evaluate: Optional[Callable] = None  # evaluate(model) -> {'val_loss', ...} in place of evaluate() below (DPO's
                                          # rewards); every number it returns is logged
+    token_bytes: Optional[torch.Tensor] = None  # bytes of text per token id, for evaluate()'s bits per byte
 
 
 @dataclass
@@ -875,6 +980,7 @@ class Progress:
     iter_num: int = 0                    # iterations done
     best_val_loss: float = float('inf')
     bad_evals: int = 0                   # evaluations since the last new best, for patience
+    budget_iters: int = 0                # the max_iters that max_minutes chose (0: not chosen), kept for resume
 
 
 def lm_task(cfg, ckpt, device, master):
@@ -886,8 +992,8 @@ def lm_task(cfg, ckpt, device, master):
     # resume: the architecture comes from the checkpoint, the rest from this run's settings
     if ckpt is not None:
         default = TrainConfig()
-        for k in MODEL_KEYS:
-            saved = ckpt['model_args'][k]
+        for k in MODEL_KEYS:  # (keys added since an older checkpoint was written have their defaults)
+            saved = ckpt['model_args'].get(k, getattr(ModelConfig(), k))
             if master and getattr(cfg, k) not in (saved, getattr(default, k)):
                 print(f"note: {k}={saved!r} from the checkpoint, not {getattr(cfg, k)!r}")
             setattr(cfg, k, saved)
@@ -922,15 +1028,29 @@ def lm_task(cfg, ckpt, device, master):
         mconf = ModelConfig(**model_args)
     except ValueError as e:
         raise UserError(str(e)) from None
+    docs = None
+    if cfg.doc_aligned:
+        if meta.get('eot_token') is None or cfg.model_type == 'bert':
+            raise UserError(f"doc_aligned=True needs documents separated by an end-of-text token, and "
+                            f"{cfg.data_dir} has none ({meta.get('dataset', 'its dataset')} is one text)" if
+                            cfg.model_type != 'bert' else "doc_aligned is for decoders (gpt, llama), not bert")
+        docs = {split: document_index(data[split], meta['eot_token']) for split in ('train', 'val')}
+        if master:
+            lengths = docs['train'][:, 2]
+            print(f"doc_aligned: {len(lengths):,} training documents, median {int(np.median(lengths)):,} tokens; "
+                  f"{np.mean(lengths > cfg.block_size + 1):.0%} are longer than a row and are cut to one")
     torch.manual_seed(cfg.seed)
     return Task(model=build_model(mconf), model_args=asdict(mconf), meta=meta,
-                batch=lambda split, it, micro: get_batch(data, cfg, split, it, micro, device, mask_id))
+                batch=lambda split, it, micro: get_batch(data, cfg, split, it, micro, device, mask_id, docs),
+                token_bytes=None if cfg.model_type == 'bert' else token_bytes(meta, vocab_size))
 
 
 def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
     """Train the Task that make_task builds, as cfg (a LoopConfig) says. Every checkpoint is written to
     out_dir/state_file (finetune_lora.py keeps it beside the merged model it writes as ckpt.pt); resume continues
     from there exactly. Returns the last evaluation dict (None for a dry run)."""
+    started = time.time()  # max_minutes counts from here (the imports before it take a second or two)
+    check_loop_config(cfg)
     proc = setup(cfg)
     state_path = os.path.join(cfg.out_dir, state_file)
     ckpt = load_checkpoint(state_path, trust=cfg.trust_checkpoint) if resume else None
@@ -941,8 +1061,7 @@ def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
     if cfg.fsdp:
         shard_model(raw_model, proc.dtype)
     device_type = proc.device.split(':')[0]
-    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device_type, fused=not cfg.fsdp)
+    optimizer = make_optimizer(raw_model, cfg, proc.device, proc.dtype, fused=not cfg.fsdp)
     scaler = torch.amp.GradScaler(device_type, enabled=(proc.dtype == 'float16'))
     progress = restore(ckpt, raw_model, optimizer, scaler, cfg, proc.master) if ckpt is not None else Progress()
     del ckpt  # its tensors are copied in: free them before training needs the memory
@@ -956,9 +1075,9 @@ def train(cfg, make_task=lm_task, resume=False, state_file='ckpt.pt'):
     if cfg.dry_run:
         dry_run(cfg, proc, raw_model, task, step, progress.iter_num)
         return None
-    result = loop(cfg, proc, progress, optimizer, step,
+    result = loop(cfg, proc, progress, optimizer, step, started,
                   run_eval=lambda: (task.evaluate(model) if task.evaluate else
-                                    evaluate(model, task.batch, cfg, proc.device, proc.dtype)),
+                                    evaluate(model, task.batch, cfg, proc.device, proc.dtype, task.token_bytes)),
                   checkpoint=lambda: save(state_path, raw_model, optimizer, scaler, task, progress, cfg, proc.master),
                   flops=flops_per_token(raw_model, cfg.block_size))
     if proc.ddp:
@@ -995,9 +1114,25 @@ def setup(cfg):
     return Process(ddp, rank, local_rank, world, device, dtype, micro_steps=cfg.gradient_accumulation_steps // world)
 
 
+def make_optimizer(model, cfg, device, dtype, fused=True):
+    """The optimizer cfg.optimizer names (model.configure_optimizers). Muon's Newton-Schulz iterations run in bf16
+    when the run computes in bf16 (fast there), else in float32 (CPUs without bf16 matrix instructions emulate
+    it ~100x slower; fp16 has too little range for them)."""
+    muon = None
+    if cfg.optimizer == 'muon':
+        muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                    ns_dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
+    return configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                device.split(':')[0], fused=fused, muon=muon)
+
+
 def restore(ckpt, model, optimizer, scaler, cfg, master):
     """Load a checkpoint's state into model, optimizer and scaler, and drop the metrics logged after it was
     written (a crash between the two). Returns its counters."""
+    was = (ckpt.get('config') or {}).get('optimizer', 'adamw')
+    if was != cfg.optimizer:
+        raise UserError(f"the checkpoint was trained with optimizer={was}, whose state does not fit "
+                        f"{cfg.optimizer}: resume with --optimizer={was}")
     # full (unsharded) tensors keyed by parameter name, as save() writes them: they load under DDP or FSDP too
     set_model_state_dict(model, clean_state_dict(ckpt['model']), options=StateDictOptions(full_state_dict=True))
     # not strict: parameters that never got a gradient (BERT's pooler under MLM) have no optimizer state
@@ -1005,7 +1140,11 @@ def restore(ckpt, model, optimizer, scaler, cfg, master):
                              options=StateDictOptions(full_state_dict=True, strict=False))
     if ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
-    progress = Progress(ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0))
+    progress = Progress(ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('bad_evals', 0), ckpt.get('budget_iters', 0))
+    if cfg.max_minutes and progress.budget_iters:  # the run's length was chosen once; a resume keeps it
+        if master and cfg.max_iters != progress.budget_iters:
+            print(f"note: max_iters={progress.budget_iters}, as max_minutes chose it when the run began")
+        cfg.max_iters = progress.budget_iters
     if master:
         truncate_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'), progress.iter_num)
     return progress
@@ -1062,7 +1201,7 @@ def dry_run(cfg, proc, model, task, step, iter_num):
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
-def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
+def loop(cfg, proc, progress, optimizer, step, started, run_eval, checkpoint, flops):
     """Iterations from progress.iter_num to max_iters: step(it) trains, a log line every log_interval, run_eval()
     every eval_interval and at the end, then checkpoint() on a new best (or every time: always_save_checkpoint),
     and an early stop after patience evaluations without a new best. flops: per token, for the MFU. Returns the
@@ -1070,19 +1209,30 @@ def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
     peak = cfg.peak_tflops * 1e12 or (gpu_peak_flops(proc.device) if proc.device.startswith('cuda') else 0)
     per_iter = tokens_per_iter(cfg)
+    result = None
+    # max_minutes: the first iterations are timed, up to the end of warmup at most (their learning rates do not
+    # depend on max_iters), then max_iters is fixed for the rest of the run and recorded for resume
+    probe = min(cfg.warmup_iters + 1, 11) if cfg.max_minutes and not progress.budget_iters else 0
+    if probe:
+        cfg.max_iters, step_times = max(cfg.max_iters, probe, progress.iter_num + 1), []
     if progress.iter_num >= cfg.max_iters and proc.master:
         print(f"nothing to do: the checkpoint is at iteration {progress.iter_num} and max_iters={cfg.max_iters}; "
               f"raise --max_iters to train on")
-    result = None
     t_log, iters_since_log = time.time(), 0
     while progress.iter_num < cfg.max_iters:
         it = progress.iter_num  # batches, dropout and the learning rate are functions of it
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_ratio', 1.0)  # Muon's matrices: muon_lr on the same schedule
+        t_step = time.time()
         loss = guarded_step(step, it, cfg)
         progress.iter_num = done = it + 1  # iterations done: what logs, evaluations and checkpoints count
         iters_since_log += 1
+        if probe:
+            loss.item()  # waits for the step (CUDA runs ahead)
+            step_times.append(time.time() - t_step)
+            if done >= probe:
+                probe = choose_max_iters(cfg, proc, progress, step_times, started)
 
         if done % cfg.log_interval == 0 and proc.master:
             dt = time.time() - t_log
@@ -1092,7 +1242,7 @@ def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
             if peak:  # model FLOPs utilisation: the fraction of the accelerators' peak doing model math
                 record['mfu'] = flops * tps / (peak * proc.world)
             append_metrics(metrics_path, record)
-            print(f"iter {done}/{cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
+            print(f"iter {done}/{'?' if probe else cfg.max_iters}: loss {record['loss']:.4f}, lr {lr:.2e}, "
                   f"{tps:,.0f} tokens/s, {record['ms_per_iter']:.0f} ms/iter"
                   + (f", MFU {record['mfu']:.1%}" if peak else ''))
             t_log, iters_since_log = time.time(), 0
@@ -1117,6 +1267,37 @@ def loop(cfg, proc, progress, optimizer, step, run_eval, checkpoint, flops):
                 break
             t_log += time.time() - t_eval  # evaluation time is not training throughput
     return result
+
+
+def choose_max_iters(cfg, proc, progress, step_times, started):
+    """Set cfg.max_iters to what fits in max_minutes from started (train() began): the iterations left at the
+    measured step time (the first one left out when there are more: it pays for warm-up), and the evaluations
+    among them, each estimated as eval_iters forward passes at a third of a training micro-step. 2% is kept in
+    hand. Every process takes the slowest one's time, so they all agree. Returns 0 (decided)."""
+    t = statistics.mean(step_times[1:] or step_times)
+    if proc.ddp:
+        slowest = torch.tensor([t], dtype=torch.float64, device=proc.device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        t = slowest.item()
+    t_eval = cfg.eval_iters * t / (3 * proc.micro_steps)
+    left = 0.98 * 60 * cfg.max_minutes - (time.time() - started)
+    done = progress.iter_num
+
+    def cost(n):  # seconds from now to iteration n, its evaluations included (one at the end)
+        evals = n // cfg.eval_interval + (n % cfg.eval_interval > 0) - done // cfg.eval_interval
+        return (n - done) * t + evals * t_eval
+    n = done + max(0, int(left / (t + t_eval / cfg.eval_interval)))
+    while n > done and cost(n) > left:
+        n -= 1
+    cfg.max_iters = progress.budget_iters = n
+    if proc.master:
+        print(f"max_minutes={cfg.max_minutes:g}: {t * 1000:.0f} ms per iteration, so max_iters={n} "
+              f"(about {(time.time() - started + cost(n)) / 60:.1f} minutes in all)")
+        append_metrics(os.path.join(cfg.out_dir, 'metrics.jsonl'),
+                       {'iter': done, 'max_iters': n, 'probe_ms_per_iter': 1000 * t})
+        with open(os.path.join(cfg.out_dir, 'config.json'), 'w') as f:
+            json.dump(asdict(cfg), f, indent=2)
+    return 0
 
 
 def save(path, model, optimizer, scaler, task, progress, cfg, master):

@@ -408,11 +408,29 @@ def hf_state(model):
     return out
 
 
+def unexportable(cfg, fmt):
+    """Why a model of this ModelConfig has no faithful form in fmt ('Hugging Face', 'GGUF'), or None. Both formats
+    know only the families' own blocks: GPT-2 (tied head, GELU) and Llama/Qwen2 (SwiGLU); the speedrun switches
+    (train.py --qk_norm, --mlp, --logit_softcap, an untied GPT head) would load there as a different model."""
+    own = 'swiglu' if cfg.model_type == 'llama' else 'gelu'
+    why = ["qk_norm" if cfg.qk_norm else '', f"mlp={cfg.mlp}" if cfg.mlp != own else '',
+           f"logit_softcap={cfg.logit_softcap:g}" if cfg.logit_softcap else '',
+           "an untied head (tie_embeddings=False)" if cfg.model_type == 'gpt' and not cfg.tie_embeddings else '']
+    why = [w for w in why if w]
+    if not why:
+        return None
+    return (f"this {cfg.model_type} model has {', '.join(why)}, which {fmt}'s {cfg.model_type} format cannot "
+            f"represent, so it would load there as a different model: keep it as a train.py checkpoint (sample.py, "
+            f"eval.py, chat_ui.py and quantize.py read those), or train with the family's defaults to export")
+
+
 def save_pretrained(model, folder):
     """Write a gpt or llama model as a Hugging Face folder (config.json, model.safetensors with HF names) that
     transformers loads with the same logits. A padded vocabulary stays padded; a gpt without biases gets zero ones.
     A llama with qkv_bias becomes Qwen2, which has exactly q/k/v biases (Llama's attention_bias adds o_proj's)."""
     cfg, hs = model.config, model.config.n_embd // model.config.n_head
+    if unexportable(cfg, 'Hugging Face'):
+        raise PretrainedError(unexportable(cfg, 'Hugging Face'))
     out = hf_state(model)
     hf = {h: getattr(cfg, k) for k, h in _HF_KEYS[cfg.model_type].items()}
     hf.update(zip(('architectures', 'model_type'), (['GPT2LMHeadModel'], 'gpt2') if cfg.model_type == 'gpt' else
@@ -1107,6 +1125,8 @@ def save_gguf(model, path, tok, gguf_type='f16', name='nanollm'):
         raise GGUFError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
     if cfg.model_type == 'bert':
         raise GGUFError("BERT has no GGUF architecture that llama.cpp generates with: export gpt or llama models")
+    if unexportable(cfg, 'GGUF'):
+        raise GGUFError(unexportable(cfg, 'GGUF'))
     arch = 'gpt2' if cfg.model_type == 'gpt' else 'qwen2' if cfg.qkv_bias else 'llama'
     if cfg.rope_scaling and cfg.rope_scaling.get('rope_type') != 'linear':
         raise GGUFError(f"rope scaling {cfg.rope_scaling.get('rope_type')!r} has no GGUF metadata form here "
