@@ -461,9 +461,10 @@ def load_quantized(ckpt):
     state = dict(ckpt['model'])
     for name, sp in (ckpt.get('sparse') or {}).items():
         n = int(np.prod(sp['shape']))
-        mask = torch.from_numpy(np.unpackbits(sp['bits'].numpy(), count=n).astype(bool)).view(sp['shape'])
+        # (a checkpoint read with map_location='cuda' has its tensors there; the mask is unpacked on the CPU)
+        mask = torch.from_numpy(np.unpackbits(sp['bits'].cpu().numpy(), count=n).astype(bool)).view(sp['shape'])
         w = torch.zeros(sp['shape'], dtype=sp['values'].dtype)
-        w[mask] = sp['values']
+        w[mask] = sp['values'].cpu()
         state[name + '.weight'] = w
     model.load_state_dict(state)
     return model.eval()
