@@ -13,6 +13,8 @@ F.scaled_dot_product_attention's fused kernels, except on CPU up to 512 tokens, 
 faster; generation keeps keys and values in a preallocated KV cache and, on CPU, multiplies with weights packed
 once for oneDNN (PackedLinear). Layouts follow the Hugging Face checkpoints (GPT-2's c_attn split into q/k/v,
 LLaMA's rotate-half RoPE, BERT's post-LN and MLM head) so pretrained weights map onto these modules by renaming.
+The GPT-2 speedrun's tricks are switches of ModelConfig (mlp='relu2', qk_norm, logit_softcap, zero_init, untied
+heads), off by default, and configure_optimizers(..., muon={...}) gives Muon for the blocks' matrices.
 """
 import inspect
 import math

@@ -59,7 +59,7 @@ class LoopConfig:
     gradient_accumulation_steps: int = 1     # micro-steps per iteration, over all processes together
     # optimisation: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr
     max_iters: int = 2000
-    max_minutes: float = 0.0                 # a wall-time budget: max_iters from the measured step time; 0 = off
+    max_minutes: float = 0.0                 # a wall-time budget: max_iters (0 = no cap) from the measured step time
     optimizer: str = 'adamw'                 # adamw | muon (the blocks' 2-D weights; AdamW for the rest)
     learning_rate: float = 1e-3              # AdamW's (with muon: embeddings, head, norms, biases)
     min_lr: float = 1e-4
@@ -266,11 +266,13 @@ def batch_rng(seed, split, it, micro):
 
 def document_index(shards, eot):
     """(shard, start, length) arrays of the documents in token arrays whose documents are separated by eot (prepare.py
-    writes eot before every document but a split's first): each document starts at its eot, which reads as BOS."""
+    writes eot before every document but a split's first): each document starts at its eot, which reads as BOS.
+    A later shard's first tokens, before its first eot, end a document that began in the shard before: left out."""
     found = []
     for s, a in enumerate(shards):
         starts = np.flatnonzero(np.asarray(a) == eot)
-        starts = np.concatenate(([0], starts[starts > 0]))
+        if s == 0:
+            starts = np.concatenate(([0], starts[starts > 0]))
         lengths = np.diff(np.append(starts, len(a)))
         found.append(np.stack([np.full(len(starts), s), starts, lengths], axis=1)[lengths >= 2])
     return np.concatenate(found)
@@ -1035,6 +1037,10 @@ def lm_task(cfg, ckpt, device, master):
                             f"{cfg.data_dir} has none ({meta.get('dataset', 'its dataset')} is one text)" if
                             cfg.model_type != 'bert' else "doc_aligned is for decoders (gpt, llama), not bert")
         docs = {split: document_index(data[split], meta['eot_token']) for split in ('train', 'val')}
+        for split, index in docs.items():
+            if not len(index):
+                raise UserError(f"the {split} split of {cfg.data_dir} has no document of 2 tokens or more: "
+                                f"doc_aligned needs documents")
         if master:
             lengths = docs['train'][:, 2]
             print(f"doc_aligned: {len(lengths):,} training documents, median {int(np.median(lengths)):,} tokens; "
@@ -1210,11 +1216,13 @@ def loop(cfg, proc, progress, optimizer, step, started, run_eval, checkpoint, fl
     peak = cfg.peak_tflops * 1e12 or (gpu_peak_flops(proc.device) if proc.device.startswith('cuda') else 0)
     per_iter = tokens_per_iter(cfg)
     result = None
-    # max_minutes: the first iterations are timed, up to the end of warmup at most (their learning rates do not
-    # depend on max_iters), then max_iters is fixed for the rest of the run and recorded for resume
-    probe = min(cfg.warmup_iters + 1, 11) if cfg.max_minutes and not progress.budget_iters else 0
-    if probe:
-        cfg.max_iters, step_times = max(cfg.max_iters, probe, progress.iter_num + 1), []
+    # max_minutes: the warmup iterations are timed, up to 100 (their learning rates do not depend on max_iters),
+    # then max_iters is fixed for the rest of the run and recorded for resume
+    probe = min(cfg.warmup_iters + 1, 100) if cfg.max_minutes and not progress.budget_iters else 0
+    if probe:  # max_iters, when given, stays the most the budget may choose
+        cap, step_times = cfg.max_iters, []
+        probe = min(probe, cap) if cap else probe
+        cfg.max_iters = max(cfg.max_iters, probe, progress.iter_num + 1)
     if progress.iter_num >= cfg.max_iters and proc.master:
         print(f"nothing to do: the checkpoint is at iteration {progress.iter_num} and max_iters={cfg.max_iters}; "
               f"raise --max_iters to train on")
@@ -1232,7 +1240,7 @@ def loop(cfg, proc, progress, optimizer, step, started, run_eval, checkpoint, fl
             loss.item()  # waits for the step (CUDA runs ahead)
             step_times.append(time.time() - t_step)
             if done >= probe:
-                probe = choose_max_iters(cfg, proc, progress, step_times, started)
+                probe = choose_max_iters(cfg, proc, progress, step_times, started, cap)
 
         if done % cfg.log_interval == 0 and proc.master:
             dt = time.time() - t_log
@@ -1269,12 +1277,13 @@ def loop(cfg, proc, progress, optimizer, step, started, run_eval, checkpoint, fl
     return result
 
 
-def choose_max_iters(cfg, proc, progress, step_times, started):
-    """Set cfg.max_iters to what fits in max_minutes from started (train() began): the iterations left at the
-    measured step time (the first one left out when there are more: it pays for warm-up), and the evaluations
-    among them, each estimated as eval_iters forward passes at a third of a training micro-step. 2% is kept in
-    hand. Every process takes the slowest one's time, so they all agree. Returns 0 (decided)."""
-    t = statistics.mean(step_times[1:] or step_times)
+def choose_max_iters(cfg, proc, progress, step_times, started, cap=0):
+    """Set cfg.max_iters to what fits in max_minutes from started (train() began), at most cap (if not 0): the
+    iterations left at the step time of the second half of those timed (the first steps run slower while the
+    allocator and caches warm up, up to 20% on a CPU), and the evaluations among them, each estimated as
+    eval_iters forward passes at a third of a training micro-step. 2% is kept in hand. Every process takes the
+    slowest one's time, so they all agree. Returns 0 (decided)."""
+    t = statistics.mean(step_times[len(step_times) // 2:])
     if proc.ddp:
         slowest = torch.tensor([t], dtype=torch.float64, device=proc.device)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
@@ -1289,6 +1298,7 @@ def choose_max_iters(cfg, proc, progress, step_times, started):
     n = done + max(0, int(left / (t + t_eval / cfg.eval_interval)))
     while n > done and cost(n) > left:
         n -= 1
+    n = max(done, min(n, cap) if cap else n)
     cfg.max_iters = progress.budget_iters = n
     if proc.master:
         print(f"max_minutes={cfg.max_minutes:g}: {t * 1000:.0f} ms per iteration, so max_iters={n} "

@@ -55,11 +55,13 @@ def test_muon_update_has_the_spectral_scale_whatever_the_gradient():
     opt = M.configure_optimizers(model, 0.0, 1e-3, (0.9, 0.95), 'cpu', muon=dict(lr=0.1, momentum=0.0))
     W = model.transformer.h[0].attn.proj.weight
     before = W.detach().clone()
+    torch.manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-6  # a tiny gradient still moves the matrix by ~lr in spectral norm
     opt.step()
     step = torch.linalg.svdvals(W.detach() - before)
-    assert 0.06 < step.max() < 0.125 and step.min() > 0.05
+    # (a square random gradient has a few near-zero singular values, which 5 Newton-Schulz steps leave small)
+    assert 0.06 < step.max() < 0.125 and (step > 0.05).float().mean() > 0.9
 
 
 @pytest.mark.parametrize('dtype,kw', [('float32', {'gradient_accumulation_steps': 2, 'dropout': 0.1}),
@@ -195,8 +197,9 @@ def test_rows_start_at_documents_and_are_best_fit_packed():
     stream = np.concatenate([np.concatenate(([eot], d)) if i else d for i, d in enumerate(docs)])
     shards = [stream[:4000], stream[4000:]]
     index = train.document_index(shards, eot)
-    assert all(shards[s][o] == eot or o == 0 for s, o, _ in index)
-    assert index[:, 2].sum() == len(stream) - (index[:, 2] < 2).sum()  # the documents tile the shards
+    assert index[0, 1] == 0 and all(shards[s][o] == eot for s, o, _ in index[1:])
+    # the documents tile the shards, but for the second shard's head: the end of a document cut by the shard
+    assert index[:, 2].sum() == len(stream) - np.flatnonzero(shards[1] == eot)[0]
     cfg = TrainConfig(batch_size=32, block_size=63, seed=3)
     x, y = train.get_batch({'train': shards}, cfg, 'train', 7, 1, 'cpu', docs={'train': index})
     x2, _ = train.get_batch({'train': shards}, cfg, 'train', 7, 1, 'cpu', docs={'train': index})
@@ -252,18 +255,18 @@ def steady_clock(monkeypatch):
     """max_minutes sees 5 ms per iteration and a budget that starts when it decides, however loaded the machine is
     (the arithmetic is what is tested here, not this machine's speed)."""
     real = train.choose_max_iters
-    monkeypatch.setattr(train, 'choose_max_iters', lambda cfg, proc, progress, times, started:
-                        real(cfg, proc, progress, [0.005] * len(times), time.time()))
+    monkeypatch.setattr(train, 'choose_max_iters', lambda cfg, proc, progress, times, started, cap:
+                        real(cfg, proc, progress, [0.005] * len(times), time.time(), cap))
 
 
 def test_max_minutes_fixes_max_iters_and_the_run_equals_one_of_that_length(char_data, tmp_path, steady_clock):
-    train.main(tiny_args(char_data, tmp_path / 'budget', max_minutes=0.05, max_iters=0, eval_interval=10,
+    train.main(tiny_args(char_data, tmp_path / 'budget', max_minutes=0.02, max_iters=0, eval_interval=10,
                          log_interval=5))
     chosen = [r for r in map(json.loads, open(tmp_path / 'budget' / 'metrics.jsonl')) if 'max_iters' in r]
-    assert len(chosen) == 1 and chosen[0]['iter'] == 6  # timed over warmup_iters + 1 iterations
+    assert len(chosen) == 1 and chosen[0]["iter"] == 6  # timed over warmup_iters + 1 iterations
     n = chosen[0]['max_iters']
-    # 2.94 s at 5 ms per iteration and 3.3 ms per evaluation every 10 iterations: 6 + 2.94 / 0.00533 ~ 557
-    assert 540 < n < 560 and records(tmp_path / 'budget', 'val_loss')[-1][0] == n
+    # 1.176 s at 5 ms per iteration and 3.3 ms per evaluation every 10 iterations: 6 + 1.176 / 0.00533 ~ 226
+    assert 215 < n < 230 and records(tmp_path / 'budget', 'val_loss')[-1][0] == n
     assert json.load(open(tmp_path / 'budget' / 'config.json'))['max_iters'] == n
     # a schedule like any other: a plain run of n iterations gives the same losses, bit for bit
     train.main(tiny_args(char_data, tmp_path / 'plain', max_iters=n, eval_interval=10, log_interval=5))
@@ -280,7 +283,7 @@ def test_max_minutes_resume_keeps_the_chosen_length_and_is_exact(char_data, tmp_
         if obj['iter_num'] == 10:
             real_save(obj, str(tmp_path / 'at10.pt'))
     monkeypatch.setattr(train, 'save_checkpoint', save)
-    args = tiny_args(char_data, tmp_path / 'straight', max_minutes=0.02, max_iters=0, eval_interval=10)
+    args = tiny_args(char_data, tmp_path / 'straight', max_minutes=0.01, max_iters=0, eval_interval=10)
     train.main(args)
     n = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)['budget_iters']
     assert n > 20
@@ -294,3 +297,10 @@ def test_max_minutes_resume_keeps_the_chosen_length_and_is_exact(char_data, tmp_
     assert f'note: max_iters={n}, as max_minutes chose it' in out and 'ms per iteration' not in out  # not re-timed
     assert records(resumed, 'loss') == records(tmp_path / 'straight', 'loss')
     assert records(resumed, 'val_loss') == records(tmp_path / 'straight', 'val_loss')
+
+
+def test_max_iters_caps_what_max_minutes_chooses(char_data, tmp_path, steady_clock):
+    # a GPU would fit thousands of quick-start iterations in its ten minutes: the config's max_iters stays the most
+    train.main(tiny_args(char_data, tmp_path, max_minutes=10.0, max_iters=30, eval_interval=10))
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['budget_iters'] == 30
+    assert records(tmp_path, 'val_loss')[-1][0] == 30
