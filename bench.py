@@ -58,12 +58,14 @@ on the same weights (our save_pretrained export) and the same first --limit item
 HellaSwag, ARC-Easy, PIQA, Winogrande, MMLU (--mmlu_items per subject, 5-shot) and WikiText (--pages articles),
 each task timed on its own; prints the scores side by side, the gap in points and the wall times.
 
-    python bench.py ablate                                   # the quick start's switches, 2 minutes each
-    python bench.py ablate --minutes=10 --seeds=1,2,3 --variants=";optimizer=muon"
+    python bench.py ablate                                   # the quick start's switches, 10 minutes each
+    python bench.py ablate --seeds=1,2 --variants=";optimizer=adamw"
+    python bench.py ablate --config=config/pydocs_gpt2.py --minutes=0 --variants="optimizer=adamw;optimizer=muon,max_iters=300"
 
 `ablate` trains config/shakespeare_char.py (or --config) in a fresh train.py process per variant and seed for a
-fixed wall time (--max_minutes, so a slower variant gets fewer iterations) and prints each variant's final val
-loss and bits per byte, the mean over seeds and the change against the first variant.
+fixed wall time (--max_minutes, so a slower variant gets fewer iterations; --minutes=0: the config's max_iters)
+and prints each variant's final val loss and bits per byte with its curve, the mean over seeds and the change
+against the first variant.
 
     python bench.py distill                                  # after python train.py config/chat/pretrain.py
     python bench.py distill --limit=200 --max_iters=50       # a smoke run
@@ -1706,10 +1708,10 @@ def bench_distill(argv):
 @dataclass
 class AblateConfig:
     config: str = 'config/shakespeare_char.py'  # train.py's config that every variant starts from
-    minutes: float = 2.0                  # wall time of each run (train.py --max_minutes); 0: the config's max_iters
+    minutes: float = 10.0                 # wall time of each run (train.py --max_minutes); 0: the config's max_iters
     seeds: str = '1337'                   # ',' between seeds: each variant runs once per seed
     # ';' between variants, ',' between the overrides of one; '' is the config as it is (the baseline)
-    variants: str = (';optimizer=muon;qk_norm=True;mlp=relu2;logit_softcap=15;zero_init=True;'
+    variants: str = (';optimizer=adamw;qk_norm=True;mlp=relu2;logit_softcap=15;zero_init=True;'
                      'tie_embeddings=False;lr_schedule=wsd')
     common: str = ''                      # overrides for every variant, e.g. 'n_layer=4,eval_iters=10'
     work_dir: str = ''                    # where the runs write (default: a temporary folder, removed after)

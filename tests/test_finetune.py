@@ -8,7 +8,7 @@ import torch
 
 import finetune_lora
 import sample
-from conftest import shared_file
+from conftest import shared_file, torchrun
 from train import UserError
 import train
 
@@ -231,16 +231,11 @@ def test_adapter_merges_from_the_command_line_and_refuses_another_base(base, ins
 
 def test_torchrun_two_processes_follow_the_single_process_curve(base, instruct, tmp_path):
     # the LoRA run under DDP: gradients of the adapters alone are all-reduced, the merged checkpoint is written once
-    import subprocess
-    import sys
     one = args(base, instruct, str(tmp_path / 'one'), max_iters=4, eval_interval=2, gradient_accumulation_steps=2,
                log_interval=1, lora_dropout=0.0)  # dropout masks depend on the rank
     finetune_lora.main(one)
     two = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in one]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'finetune_lora.py', *two], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun('finetune_lora.py', two)
     a, b = losses(str(tmp_path / 'one')), losses(str(tmp_path / 'two'))
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)

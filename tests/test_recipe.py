@@ -4,8 +4,6 @@ and refused, what a batch holds."""
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,8 +13,8 @@ import torch
 import model as M
 import train
 import weights
-from conftest import shared_file
-from test_train import REPO, records, tiny_args
+from conftest import shared_file, torchrun
+from test_train import records, tiny_args
 from train import TrainConfig, UserError
 
 
@@ -85,10 +83,7 @@ def test_muon_under_torchrun_follows_the_single_process_curve(char_data, tmp_pat
                      optimizer='muon', n_layer=3)
     train.main(args)
     ddp_args = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in args]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'train.py', *ddp_args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun('train.py', ddp_args)
     one, two = records(tmp_path / 'one', 'loss'), records(tmp_path / 'two', 'loss')
     assert [i for i, _ in one] == [i for i, _ in two] == list(range(1, 7))
     assert np.allclose([v for _, v in one], [v for _, v in two], rtol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from conftest import torchrun
 from train import TrainConfig, UserError, get_batch, get_lr, mask_tokens, parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,10 +189,7 @@ def test_torchrun_two_processes_follow_the_single_process_curve(char_data, tmp_p
     args = tiny_args(char_data, tmp_path / 'one', max_iters=6, gradient_accumulation_steps=2, eval_interval=3)
     train.main(args)
     ddp_args = [a.replace(str(tmp_path / 'one'), str(tmp_path / 'two')) for a in args] + [f'--fsdp={mode == "fsdp"}']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'train.py', *ddp_args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun('train.py', ddp_args)
     one, two = records(tmp_path / 'one', 'loss'), records(tmp_path / 'two', 'loss')
     assert [i for i, _ in one] == [i for i, _ in two] == list(range(1, 7))
     assert np.allclose([v for _, v in one], [v for _, v in two], rtol=1e-5)
