@@ -902,6 +902,7 @@ def evaluate(model, batch, cfg, device, dtype, token_bytes=None):
     per byte: the summed loss of the tokens that are text, in bits, over the bytes of that text."""
     model.eval()
     total_loss, correct, counted, nats, nbytes = 0.0, 0, 0, 0.0, 0
+    sizes = None
     for k in range(cfg.eval_iters):
         x, y = batch('val', k, 0)
         with autocast(device, dtype):
@@ -911,7 +912,8 @@ def evaluate(model, batch, cfg, device, dtype, token_bytes=None):
         correct += (logits.argmax(-1)[valid] == y[valid]).sum().item()
         counted += valid.sum().item()
         if token_bytes is not None:
-            size = token_bytes.to(y.device)[y.clamp(min=0)] * valid  # (B, T) bytes of each target
+            sizes = token_bytes.to(y.device) if sizes is None else sizes  # copied to the device once
+            size = sizes[y.clamp(min=0)] * valid  # (B, T) bytes of each target
             per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction='none')
             nats += (per_token * (size.flatten() > 0)).sum().item()
             nbytes += size.sum().item()
